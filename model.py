@@ -1,0 +1,491 @@
+"""
+A hand-written decoder-only transformer that loads and saves Hugging Face checkpoints of
+Qwen3, Qwen2/Qwen2.5 and Llama 3.x.
+
+Architecture, shared by the three families:
+- pre-norm blocks: x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); RMSNorm is computed in fp32
+- rotary position embeddings in the split-halves layout (HF's rotate_half), so HF's q/k
+  weights load as they are, with no permutation
+- grouped-query attention through F.scaled_dot_product_attention
+- SwiGLU MLP: down(silu(gate(x)) * up(x)); no biases anywhere except as noted below
+Per family:
+- qwen3: RMSNorm over head_dim on each query and key head, before RoPE; head_dim is its own key
+- qwen2: biases on the q, k and v projections (Qwen2 and Qwen2.5)
+- llama: "llama3" rope_scaling of the inverse frequencies (Llama 3.1 / 3.2)
+Modules carry Hugging Face's names, so a checkpoint maps onto them one to one.
+
+For EntroDrop the model takes one extra input: a boolean mask of input positions whose
+embedding is replaced by a fixed fill vector (Eq. 1). It knows nothing else of the method.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen3"           # "qwen3", "qwen2" (Qwen2 and Qwen2.5) or "llama" (Llama 3.x)
+    vocab_size: int = 151936            # rows of the embedding matrix (may exceed the tokenizer's ids)
+    hidden_size: int = 1024             # d, the width of the residual stream
+    intermediate_size: int = 3072       # inner width of the SwiGLU MLP
+    num_hidden_layers: int = 28         # number of transformer blocks
+    num_attention_heads: int = 16       # query heads
+    num_key_value_heads: int = 8        # key/value heads; fewer than query heads = grouped-query attention
+    head_dim: int = 128                 # width of one head; Qwen3 sets it apart from hidden_size / heads
+    max_position_embeddings: int = 40960  # longest sequence the checkpoint was trained for
+    rope_theta: float = 1e6             # RoPE base: 1e6 for Qwen, 5e5 for Llama 3
+    rope_scaling: dict | None = None    # Llama 3.1/3.2: the "llama3" factors (LLAMA3_ROPE_KEYS); else None
+    rms_norm_eps: float = 1e-6          # 1e-6 for Qwen, 1e-5 for Llama 3
+    tie_word_embeddings: bool = True    # the output head reuses the input embedding matrix
+    bos_token_id: int | None = None     # carried through to the exported config.json
+    eos_token_id: int | list | None = None  # likewise
+    dropout: float = 0.0                # hidden dropout on attention weights and both residual branches
+
+
+_QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+              max_position_embeddings=40960, num_key_value_heads=8)
+_QWEN25 = dict(model_type="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6,
+               num_key_value_heads=2, tie_word_embeddings=True)
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+               max_position_embeddings=131072, num_key_value_heads=8)
+
+
+def _llama3_rope(factor):
+    return dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+# The released shapes, for benchmarks and for checking a config.json by eye.
+MODEL_SIZES = {
+    "Qwen3-0.6B": ModelConfig(**_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                              num_attention_heads=16, tie_word_embeddings=True),
+    "Qwen3-1.7B": ModelConfig(**_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                              num_attention_heads=16, tie_word_embeddings=True),
+    "Qwen3-8B": ModelConfig(**_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                            num_attention_heads=32, tie_word_embeddings=False),
+    "Qwen2.5-0.5B": ModelConfig(**_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                num_attention_heads=14, head_dim=64, max_position_embeddings=32768),
+    "Qwen2.5-1.5B": ModelConfig(**_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                num_attention_heads=12, head_dim=128, max_position_embeddings=131072),
+    "Llama-3.1-8B": ModelConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, head_dim=128, tie_word_embeddings=False,
+                                rope_scaling=_llama3_rope(8.0)),
+    "Llama-3.2-1B": ModelConfig(**_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                num_attention_heads=32, head_dim=64, tie_word_embeddings=True,
+                                rope_scaling=_llama3_rope(32.0)),
+    "Llama-3.2-3B": ModelConfig(**_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                num_attention_heads=24, head_dim=128, tie_word_embeddings=True,
+                                rope_scaling=_llama3_rope(32.0)),
+}
+
+
+def config_from_hf(hf: dict, source: str) -> ModelConfig:
+    """Read a config.json in either dialect: the hub's (`rope_theta` and `rope_scaling` at the top
+    level, `torch_dtype`) or what transformers >= 5 writes (`rope_parameters`, `dtype`)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported; this loader reads "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3, Qwen2/Qwen2.5, Llama 3.x)")
+    for key, allowed in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                         ("use_sliding_window", False)):
+        # Qwen2 always has q/k/v biases, whatever attention_bias says; the others must have none.
+        if key in hf and hf[key] != allowed and not (key == "attention_bias" and model_type == "qwen2"):
+            raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (expected {allowed!r})")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise ValueError(f"{source}: missing required key(s) {missing}")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or rope
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (expected 'default' or 'llama3')")
+    if rope_type == "llama3" and any(k not in scaling for k in LLAMA3_ROPE_KEYS):
+        raise ValueError(f"{source}: llama3 rope scaling needs the keys {LLAMA3_ROPE_KEYS}")
+    known = {f.name for f in fields(ModelConfig)} - {"rope_theta", "rope_scaling", "dropout"}
+    config = ModelConfig(**{k: hf[k] for k in known if k in hf and hf[k] is not None})
+    config.rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    config.rope_scaling = {k: scaling[k] for k in LLAMA3_ROPE_KEYS} if rope_type == "llama3" else None
+    config.num_key_value_heads = hf.get("num_key_value_heads") or config.num_attention_heads
+    config.head_dim = hf.get("head_dim") or config.hidden_size // config.num_attention_heads
+    config.tie_word_embeddings = bool(hf.get("tie_word_embeddings", False))  # HF's default for all three
+    return config
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """(head_dim // 2,) rotation speeds theta^(-2i/d), with Llama 3's rescaling of the slow ones."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+    if config.rope_scaling is None:
+        return inv_freq
+    # "llama3": wavelengths beyond the original context are stretched by `factor`, short ones are
+    # kept, and the band in between is interpolated smoothly.
+    s = config.rope_scaling
+    context = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / s["low_freq_factor"], inv_freq / s["factor"], inv_freq)
+    smooth = (context / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = (wavelen >= context / s["high_freq_factor"]) & (wavelen <= context / s["low_freq_factor"])
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, heads, head_dim); cos, sin (T, head_dim). Split-halves rotation (HF's rotate_half)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim): broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalize in fp32, cast back, then scale: HF's order, so results agree in every dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for one layer during generation."""
+
+    def __init__(self, max_len):
+        self.max_len, self.length, self.k, self.v = max_len, 0, None, None
+
+    def update(self, k, v):
+        """k, v (B, n_kv_head, T, head_dim) of new positions -> all keys and values so far."""
+        if self.k is None:  # allocated on first use, in whatever dtype autocast produced
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        qkv_bias = config.model_type == "qwen2"
+        self.q_proj = nn.Linear(d, self.n_head * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_head * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_head * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # one weight shared by all heads
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)     # (B, T, n_head, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, n_kv_head, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        # A prompt (T > 1) is causal; one new token attends to everything cached before it.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of hidden @ weight.T against targets, in chunks of rows, so that the
+    (N, vocab) logits never exist whole: at Qwen's 151,936-token vocabulary they would be 2.5 GB
+    per 4,096 fp32 tokens. The gradient of cross-entropy is softmax - onehot, so each chunk's
+    gradients are formed right away and the logits are never stored or recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        # hidden (N, d), weight (vocab, d), targets (N,)
+        N = hidden.shape[0]
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, N, chunk_rows):
+            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = (h @ weight.T).float()                               # (n, vocab)
+            lse = torch.logsumexp(logits, dim=-1)                         # (n,)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_grad:
+                dlogits = logits.sub_(lse[:, None]).exp_()                # softmax, in place
+                dlogits[torch.arange(len(t), device=t.device), t] -= 1.0  # minus onehot
+                dlogits = dlogits.to(h.dtype)
+                grad_hidden[start:start + chunk_rows] = dlogits @ weight
+                grad_weight += dlogits.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.n_rows, ctx.weight_dtype = N, weight.dtype
+        return loss / N
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss / ctx.n_rows
+        return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        # Eq. (1): masked input positions get e_bar, the mean of the BASE model's input
+        # embedding matrix. Computed once from the weights this model starts from, then frozen;
+        # saved in training checkpoints, never exported as a weight (Appendix A.3).
+        self.register_buffer("fill_embedding", torch.zeros(config.hidden_size))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Random weights for training from scratch: N(0, 0.02) matrices, zero biases, unit norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+        self.fill_embedding.copy_(self.embed_tokens.weight.float().mean(dim=0))
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per matmul weight plus attention (PaLM, appendix B)."""
+        c = self.config
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+    def body(self, idx, fill_mask=None, embedding_noise=None, caches=None):
+        """idx (B, T) -> final-normed hidden states (B, T, d), before the output head.
+        fill_mask (B, T) bool: positions whose input embedding becomes fill_embedding (Eq. 1).
+        embedding_noise (B, T, d): added to the input embeddings (NEFTune)."""
+        # Tied weights: a sparse gradient adds straight into the head's dense one, instead of a
+        # zero-filled (vocab, d) copy plus a full add (a sixth of a CPU step at vocab 151,936).
+        x = F.embedding(idx, self.embed_tokens.weight, sparse=self.config.tie_word_embeddings)  # (B, T, d)
+        if fill_mask is not None:
+            x = torch.where(fill_mask[..., None], self.fill_embedding.to(x.dtype), x)  # Eq. (1)
+        if embedding_noise is not None:
+            x = x + embedding_noise
+        start = caches[0].length if caches else 0
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device, dtype=torch.float)
+        freqs = torch.outer(positions, self.inv_freq)  # (T, head_dim / 2)
+        angles = torch.cat((freqs, freqs), dim=-1)     # (T, head_dim), split-halves layout
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, caches[i] if caches else None)
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, fill_mask=None, embedding_noise=None):
+        """idx (B, T) -> logits (B, T, vocab).
+        With targets (B, T): (None, mean cross-entropy). The loss is fused with the output head,
+        so training never materializes the full logits (see LinearCrossEntropy)."""
+        hidden = self.body(idx, fill_mask, embedding_noise)
+        if targets is None:
+            return self.lm_head(hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        chunk_rows = max(1, 2**26 // self.config.vocab_size)  # ~256 MB of fp32 logits per chunk
+        return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets.reshape(-1), chunk_rows)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, eos_id=None, generator=None):
+        """Extend idx (B, T) by up to max_new_tokens, greedily (temperature 0) or by sampling,
+        with a KV cache. Rows that emit eos_id are padded with it; stops when all have.
+        Call model.eval() first so that dropout is off."""
+        caches = [KVCache(idx.shape[1] + max_new_tokens) for _ in self.layers]
+        logits = self.lm_head(self.body(idx, caches=caches)[:, -1])  # (B, vocab)
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if temperature == 0.0:
+                next_id = logits.argmax(dim=-1)
+            else:
+                probs = F.softmax(logits.float() / temperature, dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if eos_id is not None:
+                next_id = torch.where(finished, eos_id, next_id)
+                finished |= next_id == eos_id
+            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            if finished.all():
+                break
+            logits = self.lm_head(self.body(next_id[:, None], caches=caches)[:, -1])
+        return idx
+
+    # ---- Hugging Face checkpoints ----------------------------------------------------------
+
+    @staticmethod
+    def hf_name(name):
+        """Our parameter name -> the checkpoint's: everything but the head lives under "model."."""
+        return name if name.startswith("lm_head.") else "model." + name
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", dropout=0.0):
+        """Load a HF folder: config.json plus model.safetensors or the shards of
+        model.safetensors.index.json. Checks every tensor's presence and shape.
+        dropout: hidden dropout for training (checkpoints do not carry one)."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+        config = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+        config.dropout = dropout
+        with torch.device("meta"):  # no memory is spent on weights that are about to be replaced
+            model = cls(config)
+        checkpoint = _read_safetensors(folder, str(device))
+        expected = {cls.hf_name(n): p.shape for n, p in model.named_parameters()}
+        missing = sorted(expected.keys() - checkpoint.keys())
+        # A tied checkpoint may still carry lm_head.weight: tying follows the config, not the file.
+        redundant = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        unexpected = sorted(checkpoint.keys() - expected.keys() - redundant)
+        if missing or unexpected:
+            raise ValueError(f"{folder}: tensors do not match a {config.model_type} model with this "
+                             f"config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        state = {}
+        for name in model.state_dict(keep_vars=True):
+            if name == "fill_embedding" or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue
+            tensor = checkpoint[cls.hf_name(name)]
+            if tensor.shape != expected[cls.hf_name(name)]:
+                raise ValueError(f"{folder}: tensor {cls.hf_name(name)} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(expected[cls.hf_name(name)])} from config.json")
+            state[name] = tensor.to(dtype=dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inverse_frequencies(config).to(device)
+        model.fill_embedding = model.embed_tokens.weight.detach().float().mean(dim=0)
+        return model
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Write config.json and safetensors (sharded above max_shard_bytes, with an index) that
+        transformers, vLLM, lm-eval and OpenCompass load. Each file is written to a temporary
+        name and renamed, so an interrupted save never leaves a half-written file."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {self.hf_name(n): p.detach().contiguous().cpu() for n, p in self.named_parameters()}
+        shards, size = [{}], 0
+        for name, tensor in tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name], size = tensor, size + nbytes
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file(shard, str(folder / f"{name}.tmp"), metadata={"format": "pt"})
+            os.replace(folder / f"{name}.tmp", folder / name)
+        index = folder / "model.safetensors.index.json"
+        if len(shards) > 1:
+            weight_map = {t: name for name, shard in zip(names, shards) for t in shard}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            _write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        keep = set(names) | ({index.name} if len(shards) > 1 else set())
+        for stale in [*folder.glob("model*.safetensors"), index]:  # left over from an earlier save
+            if stale.exists() and stale.name not in keep:
+                stale.unlink()
+        _write_json(folder / "config.json", self.hf_config())
+
+    def hf_config(self):
+        c = self.config
+        hf = {k: v for k, v in asdict(c).items() if k not in ("dropout", "rope_scaling")}
+        architecture = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+        hf.update(architectures=[architecture[c.model_type]], hidden_act="silu",
+                  rope_scaling=dict(rope_type="llama3", **c.rope_scaling) if c.rope_scaling else None,
+                  torch_dtype=str(self.embed_tokens.weight.dtype).removeprefix("torch."), use_cache=True)
+        if c.model_type != "qwen2":  # Qwen2 always has q/k/v biases and no such key
+            hf["attention_bias"] = False
+        return hf
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-export the checkpoint") from None
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_safetensors(folder: Path, device: str) -> dict:
+    """Every tensor of a checkpoint folder: one model.safetensors or the shards named in the index."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object; re-download or re-export the checkpoint")
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} (named in {index.name}) does not exist")
+        try:
+            with safe_open(str(folder / name), framework="pt", device=device) as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors reports truncation and corruption as its own error type
+            raise ValueError(f"{folder / name} is not a readable safetensors file ({e}); "
+                             "it may be truncated: re-download or re-export it") from None
+    return tensors

@@ -1,0 +1,232 @@
+"""model.py against transformers: logits, RoPE, export, generation, fused loss, bad checkpoints."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from model import LinearCrossEntropy, ModelConfig, Transformer, rope_inverse_frequencies
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=64)
+
+
+def hf_model(kind):
+    torch.manual_seed(0)
+    if kind == "qwen3_tied":
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=True))
+    elif kind == "qwen3_untied":
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False))
+    elif kind == "qwen2_bias":
+        model = Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=False))
+        with torch.no_grad():  # HF initializes biases to zero, which would hide a missing bias
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_()
+    elif kind == "llama3":
+        model = LlamaForCausalLM(LlamaConfig(**TINY, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING))
+    return model.eval()
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_tied", "qwen3_untied", "qwen2_bias", "llama3"])
+def test_logits_match_transformers(kind, tmp_path):
+    reference = hf_model(kind)
+    reference.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 41))
+    with torch.no_grad():
+        assert max_diff(ours(idx), reference(idx).logits) <= 1e-4
+
+
+def test_sharded_checkpoint_and_hub_config_dialect(tmp_path):
+    """Shards with an index, and a config.json in the hub's dialect (rope_theta + rope_scaling at
+    the top level, torch_dtype) as in the released Llama-3.1-8B files."""
+    reference = hf_model("llama3")
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    config["torch_dtype"] = config.pop("dtype")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = Transformer.from_pretrained(tmp_path)
+    assert ours.config.rope_scaling["factor"] == 8.0 and ours.config.rope_theta == 500000.0
+    idx = torch.randint(0, TINY["vocab_size"], (2, 41))
+    with torch.no_grad():
+        assert max_diff(ours(idx), reference(idx).logits) <= 1e-4
+
+
+def test_tied_checkpoint_with_redundant_head_is_tied_by_config(tmp_path):
+    reference = hf_model("qwen3_tied")
+    reference.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = Transformer.from_pretrained(tmp_path)
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+
+
+def test_llama3_rope_inverse_frequencies_match_transformers():
+    config = LlamaConfig(**TINY, head_dim=32, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    ours = ModelConfig(model_type="llama", head_dim=32, rope_theta=500000.0,
+                       rope_scaling={k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"})
+    reference = LlamaRotaryEmbedding(config).inv_freq
+    assert not torch.equal(reference, 1.0 / (500000.0 ** (torch.arange(0, 32, 2).float() / 32)))  # scaling bites
+    assert torch.allclose(rope_inverse_frequencies(ours), reference, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("config", [
+    ModelConfig(**TINY, head_dim=32, tie_word_embeddings=True),
+    ModelConfig(**{**TINY, "model_type": "qwen2"}, head_dim=16, tie_word_embeddings=False),
+    ModelConfig(**{**TINY, "model_type": "llama"}, head_dim=16, tie_word_embeddings=False, rope_theta=5e5,
+                rope_scaling={k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"}),
+], ids=["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("max_shard_bytes", [2**30, 30_000], ids=["single", "sharded"])
+def test_export_round_trip(config, max_shard_bytes, tmp_path):
+    torch.manual_seed(0)
+    ours = Transformer(config)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    ours.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_bytes < 2**30)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = Transformer.from_pretrained(tmp_path)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 33))
+    with torch.no_grad():
+        logits = ours(idx)
+        assert max_diff(reference(idx).logits, logits) <= 1e-4
+        assert torch.equal(reloaded(idx), logits)
+    assert "fill_embedding" not in json.dumps(ours.hf_config())
+
+
+def test_export_replaces_an_earlier_sharded_save(tmp_path):
+    ours = Transformer(ModelConfig(**TINY, head_dim=32))
+    ours.save_pretrained(tmp_path, max_shard_bytes=30_000)
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    Transformer.from_pretrained(tmp_path)
+
+
+def test_kv_cache_generation_equals_full_recompute():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY, head_dim=32)).eval()
+    prompt = torch.randint(0, TINY["vocab_size"], (3, 9))
+    cached = model.generate(prompt, max_new_tokens=20)
+    idx = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            idx = torch.cat((idx, model(idx)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(cached, idx)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY, head_dim=32)).eval()
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 5))
+    free = model.generate(prompt, max_new_tokens=12)
+    eos = free[0, 7].item()  # the third generated token of row 0 becomes the end
+    out = model.generate(prompt, max_new_tokens=12, eos_id=eos)
+    assert torch.equal(out[0, :8], free[0, :8])
+    assert (out[0, 8:] == eos).all()
+    sampled = model.generate(prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert sampled.shape == (2, 17)
+
+
+def test_fused_loss_matches_cross_entropy_in_chunks():
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    loss = LinearCrossEntropy.apply(hidden, weight, targets, 7)  # 8 chunks, the last one short
+    (2.5 * loss).backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy(hidden @ weight.T, targets)
+    (2.5 * reference).backward()
+    assert abs(loss.item() - reference.item()) <= 1e-5
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-6) and torch.allclose(grads[1], weight.grad, atol=1e-6)
+
+
+def test_training_loss_and_gradients_match_transformers(tmp_path):
+    reference = hf_model("qwen3_tied")
+    reference.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    idx, targets = torch.randint(0, 300, (2, 3, 40)).unbind(0)
+    _, loss = ours(idx, targets)
+    loss.backward()
+    expected = F.cross_entropy(reference(idx).logits.flatten(0, 1), targets.flatten())
+    expected.backward()
+    assert abs(loss.item() - expected.item()) <= 1e-5
+    ours_grads = {Transformer.hf_name(n): p.grad for n, p in ours.named_parameters()}
+    for name, p in reference.named_parameters():
+        assert torch.allclose(ours_grads[name], p.grad, atol=1e-5), name
+
+
+# ---- bad input: each error names what is wrong ---------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    hf_model("qwen3_untied").save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Transformer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_missing_config(saved):
+    (saved / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(saved)
+
+
+def test_unsupported_model_type(saved):
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="'gpt2'.*qwen3, qwen2, llama"):
+        Transformer.from_pretrained(saved)
+
+
+def test_missing_tensor(saved):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(saved / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
+        Transformer.from_pretrained(saved)
+
+
+def test_wrong_shape(saved):
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(96, 64\), expected \(128, 64\)"):
+        Transformer.from_pretrained(saved)
+
+
+def test_truncated_safetensors(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated"):
+        Transformer.from_pretrained(saved)
+
+
+def test_corrupt_index(tmp_path):
+    hf_model("qwen3_untied").save_pretrained(tmp_path, max_shard_size="20KB")
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm')
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not valid JSON"):
+        Transformer.from_pretrained(tmp_path)
