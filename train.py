@@ -399,10 +399,11 @@ def main(argv):
         if distributed:
             dist.all_reduce(stats)
         train_loss = stats[0].item() / (accumulation * world_size)
-        if not math.isfinite(train_loss):
-            raise RuntimeError(f"training loss is {train_loss} at step {step}; stopping. The last good checkpoint "
-                               f"is {ckpt_path}. Lower learning_rate or gamma_max, or check the data.")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or math.inf).item()
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # stop before the weights are hit
+            raise RuntimeError(f"non-finite training at step {step} (loss {train_loss}, gradient norm {grad_norm}); "
+                               f"stopping. The last good checkpoint is {ckpt_path}. Lower learning_rate, or check "
+                               "the data.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         now = time.time()
