@@ -39,7 +39,7 @@ class DatasetWriter:
         with DatasetWriter(folder, tokenizer, source={...}) as writer:
             writer.add("train", tokenizer.encode(text))
 
-    Nothing is renamed into place unless every document was written."""
+    Nothing is renamed into place unless every document was written; a failed write changes nothing."""
 
     def __init__(self, folder, tokenizer, source: dict, splits=("train", "val")):
         self.folder, self.tokenizer, self.source, self.splits = Path(folder), tokenizer, source, splits
@@ -47,7 +47,6 @@ class DatasetWriter:
 
     def __enter__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
         for split in self.splits:
             self.files[split] = open(self.folder / f"{split}.bin.tmp", "wb")
             self.counts[split] = {"tokens": 0, "documents": 0, "max_token_id": -1, "digest": hashlib.sha256()}
@@ -64,14 +63,17 @@ class DatasetWriter:
         c["digest"].update(data)
 
     def __exit__(self, error_type, *_):
-        for split, f in self.files.items():
+        for f in self.files.values():
             f.close()
-            if error_type is None:
-                os.replace(self.folder / f"{split}.bin.tmp", self.folder / f"{split}.bin")
-            else:
-                (self.folder / f"{split}.bin.tmp").unlink()
         if error_type is not None:
+            # A failed write leaves the folder as it was, so an earlier complete dataset stays usable.
+            for split in self.files:
+                (self.folder / f"{split}.bin.tmp").unlink()
             return
+        # The old meta.json goes before the new token files arrive: no reader may pair the two.
+        (self.folder / "meta.json").unlink(missing_ok=True)
+        for split in self.files:
+            os.replace(self.folder / f"{split}.bin.tmp", self.folder / f"{split}.bin")
         t = self.tokenizer
         splits = {split: {**{k: v for k, v in c.items() if k != "digest"}, "sha256": c["digest"].hexdigest()}
                   for split, c in self.counts.items()}
@@ -107,10 +109,14 @@ def load_meta(folder, tokenizer=None, vocab_size=None) -> dict:
 def read_windows(folder, split, seq_len, indices=None) -> np.ndarray:
     """(n, seq_len + 1) int64 windows of folder/{split}.bin; all of them, or those at `indices`."""
     # A fresh memmap per call: holding one open across a long run leaks memory (as nanoGPT notes).
-    tokens = np.memmap(Path(folder) / f"{split}.bin", dtype=np.uint32, mode="r")
+    path = Path(folder) / f"{split}.bin"
+    # numpy cannot map an empty file, and an empty split (val_share 0) simply has no windows.
+    tokens = np.memmap(path, dtype=np.uint32, mode="r") if path.stat().st_size else np.zeros(0, np.uint32)
     if indices is None:
         indices = range(count_windows(len(tokens), seq_len))
-    return np.stack([tokens[i * seq_len:(i + 1) * seq_len + 1] for i in indices]).astype(np.int64)
+    rows = [tokens[i * seq_len:(i + 1) * seq_len + 1] for i in indices]
+    # A split shorter than one window gives (0, seq_len + 1), for the caller to check, not a numpy error.
+    return np.stack(rows).astype(np.int64) if rows else np.zeros((0, seq_len + 1), np.int64)
 
 
 def count_windows(n_tokens, seq_len) -> int:
@@ -157,12 +163,26 @@ class MixtureLoader:
 
     def steps_for_epochs(self, epochs) -> int:
         """The first step count after which `epochs` full passes over the target set are done."""
-        return math.ceil(Fraction(str(epochs)) * self.n_target / self.target_per_step)
+        # Windows are whole: 0.5 epoch of 23 windows needs 12 of them, so round the window count up
+        # first (else 2 steps of 5.9 rows, 11.8 >= 11.5, would count as enough with only 11 taken).
+        return math.ceil(math.ceil(Fraction(str(epochs)) * self.n_target) / self.target_per_step)
 
     def _order(self, source, n, n_pass):
         """Window order of one pass over a source: a permutation drawn from (seed, source, pass)."""
         if self._orders.get(source, (None,))[0] != n_pass:  # keep only the current pass of each source
-            self._orders[source] = (n_pass, np.random.default_rng([self.seed, source, n_pass]).permutation(n))
+            permutation = lambda p: np.random.default_rng([self.seed, source, p]).permutation(n)
+            order = permutation(n_pass)
+            # A step that straddles two passes must not take a window twice: windows among the
+            # last k of the previous pass (k = most rows a step takes from this source) move back
+            # within the first 2k of this one. Only the first 2k positions change, so with n >= 3k
+            # every pass still ends with its own permutation's tail, and no pass depends on more
+            # than the one before it.
+            k = math.ceil(self.target_per_step) if source == 0 else self.global_batch_size - math.floor(self.target_per_step)
+            if n_pass > 0 and n >= 3 * k:
+                front = order[:2 * k]
+                clash = np.isin(front, permutation(n_pass - 1)[-k:])
+                order[:2 * k] = np.concatenate((front[~clash], front[clash]))
+            self._orders[source] = (n_pass, order)
         return self._orders[source][1]
 
     def _take(self, source, n, seen, count):

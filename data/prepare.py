@@ -103,11 +103,18 @@ def main(argv=None):
     source = {"input": str(path.resolve()), "sha256": digest, "format": args.format, "template": args.template,
               "val_share": args.val_share, "seed": args.seed}
     split_rng = random.Random(args.seed)
-    with DatasetWriter(args.out, tokenizer, source) as writer, open(path, encoding="utf-8") as lines:
-        for line_no, line in enumerate(tqdm(lines, desc=f"tokenizing {path.name}", unit=" docs"), start=1):
+    documents = 0
+    # Read as bytes and decoded line by line, so that bad UTF-8 is reported with its line number.
+    with DatasetWriter(args.out, tokenizer, source) as writer, open(path, "rb") as lines:
+        for line_no, raw in enumerate(tqdm(lines, desc=f"tokenizing {path.name}", unit=" docs"), start=1):
+            where = f"{path}, line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where} is not valid UTF-8 ({e.reason} at byte {e.start} of the line); "
+                                 "re-save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {line_no}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -116,6 +123,9 @@ def main(argv=None):
                 raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object with fields")
             text = render(record, args.format, args.template, where)
             writer.add("val" if split_rng.random() < args.val_share else "train", tokenizer.encode(text))
+            documents += 1
+        if documents == 0:  # raised inside the writer, so no empty dataset is left behind
+            raise ValueError(f"--input {path} holds only blank lines, no records")
     meta = json.loads((Path(args.out) / "meta.json").read_text())
     for split, counts in meta["splits"].items():
         print(f"{args.out}/{split}.bin: {counts['documents']:,} documents, {counts['tokens']:,} tokens")
