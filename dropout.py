@@ -55,7 +55,9 @@ def gate(scores, gate_percentile, targeting) -> torch.Tensor:
     if targeting == "all":
         return scored
     n_scored = scored.sum(dim=-1, keepdim=True)                      # (b, 1)
-    n_gated = torch.floor(gate_percentile * n_scored + 1e-9)         # 1e-9: 0.29 * 100 is 28.999...
+    # In float64: in the default float32, 0.65 * 180 rounds to 116.99999 and the 1e-9 is lost
+    # below float32's resolution; in float64 the 1e-9 absorbs the error (0.29 * 100 is 28.999...).
+    n_gated = torch.floor(gate_percentile * n_scored.double() + 1e-9)  # (b, 1)
     order = scores.masked_fill(~scored, math.inf).argsort(dim=-1, stable=True)  # unscored sort last
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))

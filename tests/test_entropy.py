@@ -1,0 +1,171 @@
+"""entropy.py: per-token entropy and NLL against a brute-force softmax over transformers' logits,
+the chunked output head, the cache file (its contents, float16 dtype and alignment with the
+loader's windows), its refusal of a cache built from another model, other data or another
+window length, and the checkpoint fingerprint."""
+
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from data.loader import DatasetWriter, read_windows
+from entropy import (build_entropy_cache, cache_header, checkpoint_fingerprint, default_cache_path,
+                     load_entropy_cache, token_entropies)
+from model import ModelConfig, Transformer
+from tokenizer import load_tokenizer
+
+SEQ_LEN = 16
+
+
+def softmax_scores(logits, targets):
+    """Brute force: (..., vocab) logits of one prediction and (...) the token that came next ->
+    the prediction's entropy and the token's NLL, in float64."""
+    log_p = torch.log_softmax(logits.double(), dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1), -log_p.gather(-1, targets[..., None]).squeeze(-1)
+
+
+def assert_matches(ours, reference, atol):
+    """ours (B, T) from token_entropies against reference (B, T - 1) for columns 1 .. T - 1."""
+    assert ours.dtype == torch.float32 and ours.shape == (reference.shape[0], reference.shape[1] + 1)
+    assert ours[:, 0].isnan().all() and not ours[:, 1:].isnan().any()
+    assert (ours[:, 1:].double() - reference).abs().max() <= atol
+
+
+def sharpen(norm, scale):
+    """Scale the final norm's weight: larger logits, sharper and more varied predictions (the tied
+    head favours the input token), so that entropies spread and a misaligned column shows."""
+    with torch.no_grad():
+        norm.weight.mul_(scale)
+
+
+def test_entropy_and_nll_match_transformers(tmp_path):
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    reference = Qwen3ForCausalLM(config).eval()
+    sharpen(reference.model.norm, 5.0)
+    reference.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 300, (3, 33))
+    with torch.no_grad():
+        # Column t of ours is the prediction made at position t - 1 of the token at t.
+        entropy, nll = softmax_scores(reference(idx).logits[:, :-1], idx[:, 1:])
+    assert entropy.std() > 0.3  # informative: far from uniform predictions
+    ours_entropy, ours_nll = token_entropies(ours, idx, return_nll=True)
+    assert_matches(ours_entropy, entropy, 1e-4)
+    assert_matches(ours_nll, nll, 1e-4)
+    torch.testing.assert_close(token_entropies(ours, idx), ours_entropy, rtol=0, atol=0, equal_nan=True)
+
+
+def test_chunked_head_equals_unchunked():
+    # 2**26 // 2**19 = 128 predictions per chunk: 2 x 139 of them take three chunks, the last ragged.
+    vocab, chunk = 2**19, 128
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                    max_position_embeddings=512)).eval()
+    sharpen(model.norm, 40.0)
+    idx = torch.randint(0, vocab, (2, 140))
+    entropy, nll = token_entropies(model, idx, return_nll=True)
+    # The reference, one prediction at a time through the same head, at every chunk's first and
+    # last predictions and a spread of others (all of them would cost seconds at this vocabulary).
+    rows = sorted({*range(0, 278, 23), *(c + o for c in (0, chunk, 2 * chunk) for o in (-2, -1, 0, 1)), 276, 277})
+    rows = torch.tensor([r for r in rows if r >= 0])               # flat (b, t - 1) prediction numbers
+    b, t = rows // 139, rows % 139 + 1                            # column t is predicted at t - 1
+    with torch.no_grad():
+        hidden = model.body(idx[:, :-1]).double()                  # (2, 139, d)
+        logits = hidden[b, t - 1] @ model.lm_head.weight.double().T  # (len(rows), vocab)
+    reference_entropy, reference_nll = softmax_scores(logits, idx[b, t])
+    assert (entropy[b, t].double() - reference_entropy).abs().max() <= 1e-4
+    assert (nll[b, t].double() - reference_nll).abs().max() <= 1e-4
+    assert reference_entropy.std() > 0.3
+    assert entropy[:, 0].isnan().all() and not entropy[:, 1:].isnan().any() and not nll[:, 1:].isnan().any()
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+
+def save_checkpoint(folder, seed):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64))
+    sharpen(model.norm, 10.0)
+    model.save_pretrained(folder)
+
+
+def prepare_target(folder, seed):
+    """A byte-tokenized target folder: 340 train tokens (21 windows of 16) and 100 val (6)."""
+    tokenizer = load_tokenizer("byte")
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: "".join(chr(ord("a") + c) for c in torch.randint(0, 26, (n,), generator=g).tolist())
+    with DatasetWriter(folder, tokenizer, source={"kind": "test"}) as writer:
+        for _ in range(10):
+            writer.add("train", tokenizer.encode(text(33)))
+        for _ in range(4):
+            writer.add("val", tokenizer.encode(text(24)))
+
+
+def built_cache(tmp_path):
+    """(checkpoint folder, target folder, cache path, header, model) with the cache written."""
+    checkpoint, target = tmp_path / "base", tmp_path / "target"
+    save_checkpoint(checkpoint, 0)
+    prepare_target(target, 0)
+    header = cache_header(checkpoint, target, SEQ_LEN)
+    path = default_cache_path(target, header["model"], SEQ_LEN)
+    model = Transformer.from_pretrained(checkpoint).eval()
+    build_entropy_cache(model, target, SEQ_LEN, path, header, batch_size=4)  # ragged last batch
+    return checkpoint, target, path, header, model
+
+
+def test_cache_holds_the_entropies_of_each_window(tmp_path):
+    _, target, path, header, model = built_cache(tmp_path)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == header
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    assert sorted(stored) == ["train_entropy", "train_nll", "val_entropy", "val_nll"]
+    for split, n_windows in (("train", 21), ("val", 6)):
+        windows = torch.from_numpy(read_windows(target, split, SEQ_LEN))
+        assert windows.shape == (n_windows, SEQ_LEN + 1)
+        entropy, nll = token_entropies(model, windows, return_nll=True)
+        for name, expected in (("entropy", entropy), ("nll", nll)):
+            cached = stored[f"{split}_{name}"]
+            assert cached.dtype == torch.float16 and cached.shape == (n_windows, SEQ_LEN + 1)
+            assert cached[:, 0].isnan().all()
+            torch.testing.assert_close(cached.float(), expected, rtol=1e-3, atol=1e-3, equal_nan=True)
+        assert entropy[:, 1:].std() > 0.3
+    loaded = load_entropy_cache(path, header, "rebuild it")
+    assert all(t.dtype == torch.float32 for t in loaded.values())
+    for key, tensor in stored.items():
+        torch.testing.assert_close(loaded[key], tensor.float(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("change", ["model", "data", "seq_len"])
+def test_cache_from_another_model_data_or_window_length_is_refused(tmp_path, change):
+    checkpoint, target, path, header, _ = built_cache(tmp_path)
+    seq_len = SEQ_LEN
+    if change == "model":
+        save_checkpoint(checkpoint, 1)  # re-saved with other weights, same config
+    elif change == "data":
+        prepare_target(target, 1)       # re-prepared with other documents, same sizes
+    else:
+        seq_len = 32
+    new_header = cache_header(checkpoint, target, seq_len)
+    assert [k for k in header if header[k] != new_header[k]] == [change]
+    hint = f"python entropy.py --init_from {checkpoint} --target_data {target} --seq_len {seq_len}"
+    with pytest.raises(ValueError, match=re.escape(hint)) as error:
+        load_entropy_cache(path, new_header, hint)
+    assert f"its {change} is" in str(error.value)
+
+
+def test_checkpoint_fingerprint_follows_the_weights(tmp_path):
+    save_checkpoint(tmp_path, 0)
+    fingerprint = checkpoint_fingerprint(tmp_path)
+    save_checkpoint(tmp_path, 0)
+    assert checkpoint_fingerprint(tmp_path) == fingerprint
+    model = Transformer.from_pretrained(tmp_path)
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[3, 5] += 1e-3
+    model.save_pretrained(tmp_path)
+    assert checkpoint_fingerprint(tmp_path) != fingerprint
