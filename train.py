@@ -77,7 +77,7 @@ class Config:
     general_eval_windows: int = 64             # general validation windows per evaluation
     accuracy_problems: str = ""                # JSONL of {question, answer}: greedy-decoding accuracy
     accuracy_samples: int = 0                  # how many of them per evaluation (0 = off)
-    log_interval: int = 1                      # log a training record every this many steps
+    log_interval: int = 10                     # log a training record every this many steps
     checkpoint_interval: int = 100             # save out_dir/ckpt.pt every this many steps
     # ---- system
     seed: int = 1337
@@ -243,7 +243,7 @@ def main(argv):
             raise ValueError(f"{ckpt_path} holds an unfinished run: pass --resume=True to continue it, "
                              "or choose another out_dir")
     if master:
-        print(json.dumps(asdict(c), indent=1))
+        print("config:", json.dumps(asdict(c)))
 
     # ---- model, tokenizer, data
     torch.manual_seed(c.seed)

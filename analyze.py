@@ -1,0 +1,322 @@
+"""
+Figures and tables of the paper's findings, from training logs and entropy caches alone (it never
+trains; the gradient-variance check only runs forward and backward passes of a saved checkpoint).
+
+    python analyze.py out/demo          # writes out/demo/figures/*.png and out/demo/results.md
+
+A run is a folder holding log.jsonl and config.json (what train.py writes). Runs are grouped by
+their folder's name; several seeds of one setting live in <name>/seed<k>/ and are shown as
+mean +- std. The names this script knows (each figure or table uses those that are present):
+    baseline, weight_decay, hidden_dropout, neftune, token_dropout, entrodrop    (Fig. 2a)
+    entrodrop_fixed                      curriculum="constant"                   (Fig. 2b)
+    entrodrop_high, entrodrop_random     targeting="high" / "random"             (Table 3)
+    entrodrop_gamma<g>                   gamma_max=<g>                           (Table 4)
+    entrodrop_zero_fill                  fill="zero"                             (Appendix A.3)
+
+Figures: Fig. 1c (baseline loss of low- vs high-entropy tokens), Fig. 2a (every method), Fig. 2b
+(curriculum vs fixed ratio), Fig. 2c (a validation problem shaded by base-model entropy), Fig. 4
+(entropy-group dynamics, baseline vs EntroDrop), and the Theorem 1 check (gradient variance
+against the masking rate gamma * alpha).
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data.loader import read_windows  # noqa: E402
+from dropout import gate  # noqa: E402
+from entropy import cache_header, default_cache_path, load_entropy_cache  # noqa: E402
+from model import Transformer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+METHODS = {"baseline": "baseline", "weight_decay": "weight decay", "hidden_dropout": "hidden dropout",
+           "neftune": "NEFTune", "token_dropout": "token dropout (all tokens)", "entrodrop": "EntroDrop"}
+ABLATIONS = {"entrodrop_fixed": "EntroDrop, fixed ratio", "entrodrop_high": "EntroDrop targeting high entropy",
+             "entrodrop_random": "EntroDrop targeting a random share", "entrodrop_zero_fill": "EntroDrop, zero fill"}
+CURVES = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss")
+
+
+def label(name):
+    gamma = re.fullmatch(r"entrodrop_gamma([\d.]+)", name)
+    return METHODS.get(name) or ABLATIONS.get(name) or (f"EntroDrop, gamma_max {gamma[1]}" if gamma else name)
+
+
+# ---- reading runs ------------------------------------------------------------------------
+
+def load_runs(root):
+    """{group name: [run, ...]}, a run being {"config", "epoch" (n,), curve name: (n,)} of its evaluations."""
+    groups = {}
+    for log in sorted(Path(root).rglob("log.jsonl")):
+        folder = log.parent
+        name = folder.parent.name if re.fullmatch(r"seed\d+", folder.name) else folder.name
+        evals = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "eval"]
+        config = json.loads((folder / "config.json").read_text())
+        if not evals or not (folder / "ckpt.pt").exists():
+            continue
+        run = {"config": config, "folder": folder, "epoch": np.array([r["epoch"] for r in evals])}
+        for key in CURVES:
+            run[key] = np.array([np.nan if r[key] is None else r[key] for r in evals])
+        groups.setdefault(name, []).append(run)
+    return groups
+
+
+def summary(run):
+    """What Table 4 reports, and more: the minimum target validation loss, its epoch, the rebound."""
+    best = int(np.nanargmin(run["val_loss"]))
+    return {"min_val_loss": run["val_loss"][best], "best_epoch": run["epoch"][best],
+            "final_val_loss": run["val_loss"][-1], "rise": run["val_loss"][-1] / run["val_loss"][best] - 1,
+            "low_at_best": run["val_loss_low"][best], "low_final": run["val_loss_low"][-1],
+            "high_at_best": run["val_loss_high"][best], "high_final": run["val_loss_high"][-1],
+            "general_at_best": run["general_val_loss"][best]}
+
+
+def mean_std(values, digits=3, percent=False):
+    values = np.array(values, dtype=float) * (100 if percent else 1)
+    unit = "%" if percent else ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}{unit}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}{unit}"
+
+
+# ---- figures -----------------------------------------------------------------------------
+
+def plot_curves(ax, runs, key, name, color=None, style="-"):
+    """Mean over seeds (shaded +- std) of one curve against target epochs."""
+    n = min(len(r[key]) for r in runs)
+    x = runs[0]["epoch"][:n]
+    values = np.stack([r[key][:n] for r in runs])
+    mean = values.mean(axis=0)
+    line, = ax.plot(x, mean, style, color=color, label=name, lw=1.6)
+    if len(runs) > 1:
+        ax.fill_between(x, mean - values.std(axis=0, ddof=1), mean + values.std(axis=0, ddof=1),
+                        color=line.get_color(), alpha=0.2)
+
+
+def figure_methods(groups, names, title, path):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name in names:
+        plot_curves(ax, groups[name], "val_loss", label(name))
+    ax.set(xlabel="target epoch", ylabel="target validation loss (nats/token)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def figure_groups(groups, names, title, path):
+    """Loss of the base model's low-entropy (50% most confident) and high-entropy (25% least
+    confident) validation tokens, per epoch: Fig. 1c for the baseline, Fig. 4 against EntroDrop."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, style in zip(names, ("-", "--")):
+        for ax, key in zip(axes, ("val_loss_low", "val_loss_high")):
+            plot_curves(ax, groups[name], key, label(name), color="tab:blue" if key.endswith("low") else "tab:red",
+                        style=style)
+    for ax, group in zip(axes, ("low-entropy tokens (50% most confident)", "high-entropy tokens (25% least confident)")):
+        ax.set(xlabel="target epoch", ylabel="validation loss (nats/token)", title=group)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def figure_entropy_text(config, path, width=72):
+    """Fig. 2c: one validation problem, each token shaded by its entropy under the base model."""
+    header = cache_header(config["init_from"], config["target_data"], config["seq_len"])
+    cache_path = config["entropy_cache"] or default_cache_path(config["target_data"], header["model"], config["seq_len"])
+    val_entropy = load_entropy_cache(cache_path, header, "run train.py once to build it")["val_entropy"]
+    tokenizer = load_tokenizer(config["init_from"])
+    windows = read_windows(config["target_data"], "val", config["seq_len"])
+    for index, window in enumerate(windows):  # the first whole document between two end-of-text tokens
+        ends = np.flatnonzero(window == tokenizer.eos_id)
+        if len(ends) >= 2:
+            start, stop = ends[0] + 1, ends[1]
+            break
+    else:  # documents longer than a window: show the first window from its first predicted token
+        index, window, start, stop = 0, windows[0], 1, len(windows[0])
+    entropy = val_entropy[index]
+    cmap, top = plt.get_cmap("magma_r"), float(np.nanpercentile(entropy.numpy(), 99))
+    cells, x, y = [], 0, 0  # (column, row, character, entropy), in character cells
+    for t in range(start, stop):
+        for i, piece in enumerate(tokenizer.decode([int(window[t])]).split("\n")):
+            if i or x + len(piece) > width:  # a newline, or a line too long: wrap
+                x, y = 0, y + 1
+            for char in piece:
+                cells.append((x, y, char, float(entropy[t])))
+                x += 1
+    cell = 0.6  # a monospace character is about 0.6 times as wide as it is tall
+    fig, ax = plt.subplots(figsize=(width * cell * 0.16 + 1.5, (y + 1) * 0.16 + 1.0))
+    for x, y, char, value in cells:
+        ax.add_patch(plt.Rectangle((x * cell, -y - 0.5), cell, 1, color=cmap(min(1.0, value / top)), lw=0))
+        ax.text((x + 0.5) * cell, -y, char, family="monospace", fontsize=8.5, ha="center", va="center",
+                color="white" if value / top > 0.6 else "black")
+    ax.set(xlim=(0, width * cell), ylim=(-y - 0.6, 0.6), aspect="equal")
+    ax.axis("off")
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top)), ax=ax, fraction=0.02, pad=0.01,
+                 label="entropy (nats)")
+    ax.set_title("Fig. 2c: a validation problem, each token shaded by its base-model entropy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# ---- Theorem 1: gradient variance against the masking rate ----------------------------------
+
+def gradient_variance(config, rates, samples, seed=0):
+    """Empirical variance of the per-window gradient, E||g - E g||^2 over windows and masks, for
+    EntroDrop masks at each masking rate gamma * alpha (alpha = gate_percentile, the gated share),
+    with the base model's weights (the point where continual pre-training starts)."""
+    model = Transformer.from_pretrained(config["init_from"])
+    header = cache_header(config["init_from"], config["target_data"], config["seq_len"])
+    cache_path = config["entropy_cache"] or default_cache_path(config["target_data"], header["model"], config["seq_len"])
+    scores = load_entropy_cache(cache_path, header, "run train.py once to build it")["train_entropy"]
+    T, alpha = config["seq_len"], config["gate_percentile"]
+    indices = np.random.default_rng(seed).permutation(len(scores))[:samples]
+    windows = torch.from_numpy(read_windows(config["target_data"], "train", T, indices))
+    eligible = gate(scores[indices, :T], alpha, "low")  # (samples, T)
+    generator = torch.Generator().manual_seed(seed)
+    variances = []
+    for rate in rates:
+        gradients = []
+        for i in range(len(indices)):
+            mask = eligible[i:i + 1] & (torch.rand(1, T, generator=generator) < rate / alpha)  # Eq. (3)
+            model.zero_grad()
+            _, loss = model(windows[i:i + 1, :-1], windows[i:i + 1, 1:], fill_mask=mask)
+            loss.backward()
+            gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        g = torch.stack(gradients).double()
+        variances.append(((g - g.mean(0)) ** 2).sum(1).mean().item())
+    return np.array(variances)
+
+
+def figure_variance(rates, variances, path):
+    """Fit the bound's quadratic form V(x) = V0 (1 - x) + K x^2 (x = gamma * alpha) and a free
+    quadratic, and mark where the measured variance is lowest."""
+    v0 = variances[0]
+    x = np.asarray(rates)
+    k = np.linalg.lstsq((x ** 2)[:, None], variances - v0 * (1 - x), rcond=None)[0][0]
+    free = np.polyfit(x, variances, 2)
+    grid = np.linspace(0, x.max(), 200)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(x, variances / v0, "o", label="measured")
+    ax.plot(grid, (v0 * (1 - grid) + k * grid ** 2) / v0, "-", label="bound's form V0(1 - x) + K x^2")
+    ax.plot(grid, np.polyval(free, grid) / v0, ":", label="free quadratic")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(xlabel="masking rate gamma * alpha", ylabel="gradient variance / unmasked variance",
+           title="Theorem 1 check: gradient variance under EntroDrop masks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    vertex = -free[1] / (2 * free[0]) if free[0] > 0 else None
+    return {"K": k, "free": free, "vertex": vertex, "lowest_rate": float(x[int(np.argmin(variances))])}
+
+
+# ---- the report --------------------------------------------------------------------------
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def summary_rows(groups, names):
+    rows = []
+    for name in names:
+        s = [summary(run) for run in groups[name]]
+        col = lambda key, **kw: mean_std([x[key] for x in s], **kw)
+        rows.append([label(name), len(s), col("min_val_loss"), col("best_epoch", digits=1), col("final_val_loss"),
+                     col("rise", digits=1, percent=True), f"{col('low_at_best')} → {col('low_final')}",
+                     f"{col('high_at_best')} → {col('high_final')}", col("general_at_best")])
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Figures and tables from training runs.")
+    parser.add_argument("root", help="a folder of runs (e.g. out/demo)")
+    parser.add_argument("--variance_samples", type=int, default=48, help="windows per masking rate (0 = skip)")
+    args = parser.parse_args(argv)
+    groups = load_runs(args.root)
+    if "baseline" not in groups:
+        raise FileNotFoundError(f"{args.root} has no finished run folder named 'baseline' (with log.jsonl)")
+    figures = Path(args.root) / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    report = [f"# Results from {args.root}", "",
+              "Target validation loss in nats per token; epochs are passes over the scarce target set. "
+              "Low/high: loss on the base model's 50% most / 25% least confident validation tokens, "
+              "at the best epoch → at the last epoch. Mean ± std over seeds where there are several.", ""]
+
+    methods = [n for n in METHODS if n in groups]
+    report += ["## Methods", "", table(["method", "seeds", "min val loss", "best epoch", "final val loss",
+                                        "rise after best", "low-entropy loss", "high-entropy loss",
+                                        "general val loss at best"], summary_rows(groups, methods)), ""]
+    figure_groups(groups, ["baseline"], "Fig. 1c: baseline, loss by base-model entropy group", figures / "fig1c.png")
+    figure_methods(groups, methods, "Fig. 2a: target validation loss, every method", figures / "fig2a.png")
+    report += ["![Fig. 1c](figures/fig1c.png)", "", "![Fig. 2a](figures/fig2a.png)", ""]
+    if "entrodrop" in groups:
+        figure_groups(groups, ["baseline", "entrodrop"], "Fig. 4: baseline (solid) vs EntroDrop (dashed)",
+                      figures / "fig4.png")
+        report += ["![Fig. 4](figures/fig4.png)", ""]
+    if "entrodrop_fixed" in groups:
+        names = ["baseline", "entrodrop", "entrodrop_fixed"]
+        figure_methods(groups, names, "Fig. 2b: curriculum vs fixed ratio", figures / "fig2b.png")
+        report += ["## Curriculum vs fixed ratio (Fig. 2b)", "", table(
+            ["run", "seeds", "min val loss", "best epoch", "final val loss", "rise after best", "low-entropy loss",
+             "high-entropy loss", "general val loss at best"], summary_rows(groups, names)), "",
+            "![Fig. 2b](figures/fig2b.png)", ""]
+    targeting = [n for n in ("entrodrop_random", "entrodrop_high", "entrodrop", "token_dropout") if n in groups]
+    if "entrodrop_random" in groups or "entrodrop_high" in groups:
+        report += ["## Table 3: which tokens to mask", "",
+                   "Random share, high and low entropy gate the same number of tokens (matched expected "
+                   "masking); token dropout over all tokens masks twice as many.", "",
+                   table(["targeting", "seeds", "min val loss", "best epoch", "final val loss", "rise after best",
+                          "low-entropy loss", "high-entropy loss", "general val loss at best"],
+                         summary_rows(groups, targeting)), ""]
+    sweep = sorted((n for n in groups if n.startswith("entrodrop_gamma") or n == "entrodrop"),
+                   key=lambda n: groups[n][0]["config"]["gamma_max"])
+    if len(sweep) > 1:
+        rows = [[f"gamma_max {groups[n][0]['config']['gamma_max']:g}" if n != "baseline" else "baseline",
+                 mean_std([summary(r)["best_epoch"] for r in groups[n]], digits=1),
+                 mean_std([summary(r)["min_val_loss"] for r in groups[n]])] for n in ["baseline", *sweep]]
+        report += ["## Table 4: gamma_max", "", table(["run", "best epoch", "min val loss"], rows), ""]
+    if "entrodrop_zero_fill" in groups:
+        report += ["## Appendix A.3: mean vs zero fill", "", table(
+            ["run", "seeds", "min val loss", "best epoch", "final val loss", "rise after best", "low-entropy loss",
+             "high-entropy loss", "general val loss at best"],
+            summary_rows(groups, ["entrodrop", "entrodrop_zero_fill"])), ""]
+
+    reference = groups.get("entrodrop", groups["baseline"])[0]["config"]
+    if reference["init_from"] != "scratch":
+        figure_entropy_text(reference, figures / "fig2c.png")
+        report += ["## Fig. 2c: entropy of each token of a validation problem", "", "![Fig. 2c](figures/fig2c.png)", ""]
+        if args.variance_samples:
+            rates = np.linspace(0.0, reference["gate_percentile"], 6)
+            variances = gradient_variance(reference, rates, args.variance_samples)
+            fit = figure_variance(rates, variances, figures / "theorem1.png")
+            report += ["## Theorem 1 check: gradient variance against the masking rate", "",
+                       f"Base model, {args.variance_samples} target windows per rate, EntroDrop masks "
+                       f"(gate {reference['gate_percentile']:.0%} lowest entropy).", "",
+                       table(["gamma * alpha", *[f"{r:.2f}" for r in rates]],
+                             [["variance / unmasked", *[f"{v / variances[0]:.3f}" for v in variances]]]), "",
+                       f"Fit of the bound's form V0 (1 - x) + K x^2: K = {fit['K']:.4g} (V0 = {variances[0]:.4g}); "
+                       f"lowest measured variance at gamma * alpha = {fit['lowest_rate']:.2f}"
+                       + (f"; free quadratic's minimum at {fit['vertex']:.2f}." if fit["vertex"] else "."), "",
+                       "![Theorem 1](figures/theorem1.png)", ""]
+    (Path(args.root) / "results.md").write_text("\n".join(report))
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
