@@ -61,16 +61,19 @@ def token_entropies(model, idx, return_nll=False):
     targets = idx[:, 1:].reshape(-1)
     entropy = torch.empty(B * (T - 1), device=idx.device)
     nll = torch.empty(B * (T - 1), device=idx.device)
-    chunk = max(1, 2**26 // model.config.vocab_size)  # ~256 MB of fp32 logits at a time
-    for start in range(0, len(targets), chunk):
-        logits = model.lm_head(hidden[start:start + chunk]).float()  # (n, vocab)
-        lse = torch.logsumexp(logits, dim=-1)                         # (n,)
-        probs = (logits - lse[:, None]).exp_()                        # (n, vocab)
-        # H = lse - sum_v p_v * logit_v. The product overwrites probs, so no third (n, vocab)
-        # tensor exists; and sum() reduces pairwise, accurate in fp32 where a batched
-        # (1, vocab) @ (vocab, 1) product is off by up to 3e-3 nats on CPU at a 2**18 vocabulary.
-        entropy[start:start + chunk] = lse - probs.mul_(logits).sum(dim=-1)
-        nll[start:start + chunk] = lse - logits.gather(1, targets[start:start + chunk, None]).view(-1)
+    rows = model.head_chunk_rows(len(targets))
+    for start in range(0, len(targets), rows):
+        logits = model.lm_head(hidden[start:start + rows]).float()           # (n, vocab)
+        target_logit = logits.gather(1, targets[start:start + rows, None]).squeeze(1)
+        peak = logits.amax(dim=-1, keepdim=True)                              # (n, 1)
+        probs = logits.sub_(peak).exp_()                                      # in place: softmax x total
+        total = probs.sum(dim=-1)                                             # (n,)
+        lse = peak.squeeze(1) + total.log()                                   # log-sum-exp
+        # With p = probs / total: H = -sum p log p = log(total) - sum(probs log probs) / total.
+        # xlogy_ works in place (0 log 0 = 0), so the chunk's logits are the only (n, vocab) tensor;
+        # and sum() reduces pairwise, accurate in fp32 where a batched dot product is not.
+        entropy[start:start + rows] = total.log() - probs.xlogy_(probs).sum(dim=-1) / total
+        nll[start:start + rows] = lse - target_logit
     nan_column = torch.full((B, 1), float("nan"), device=idx.device)
     entropy = torch.cat((nan_column, entropy.view(B, T - 1)), dim=1)
     nll = torch.cat((nan_column, nll.view(B, T - 1)), dim=1)

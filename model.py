@@ -156,9 +156,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalize in fp32, cast back, then scale: HF's order, so results agree in every dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # F.rms_norm is one fused op for x * rsqrt(mean(x^2) + eps).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class KVCache:
@@ -243,33 +242,39 @@ class LinearCrossEntropy(torch.autograd.Function):
     gradients are formed right away and the logits are never stored or recomputed."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows):
-        # hidden (N, d), weight (vocab, d), targets (N,)
+    def forward(ctx, hidden, weight, targets, rows):
+        # hidden (N, d), weight (vocab, d), targets (N,); `rows` per chunk
         N = hidden.shape[0]
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        grad_weight = None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, N, chunk_rows):
-            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        for start in range(0, N, rows):
+            h, t = hidden[start:start + rows], targets[start:start + rows]
             logits = (h @ weight.T).float()                               # (n, vocab)
-            lse = torch.logsumexp(logits, dim=-1)                         # (n,)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t[:, None])                   # (n, 1)
+            peak = logits.amax(dim=-1, keepdim=True)                      # (n, 1)
+            probs = logits.sub_(peak).exp_()                              # in place: softmax times total
+            total = probs.sum(dim=-1, keepdim=True)                       # (n, 1)
+            loss += (peak + total.log() - target_logit).sum()             # log-sum-exp minus target logit
             if want_grad:
-                dlogits = logits.sub_(lse[:, None]).exp_()                # softmax, in place
+                dlogits = probs.div_(total)                               # softmax
                 dlogits[torch.arange(len(t), device=t.device), t] -= 1.0  # minus onehot
                 dlogits = dlogits.to(h.dtype)
-                grad_hidden[start:start + chunk_rows] = dlogits @ weight
-                grad_weight += dlogits.T @ h
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.n_rows, ctx.weight_dtype = N, weight.dtype
+                grad_hidden[start:start + rows] = (dlogits @ weight) / N
+                part = (dlogits.T @ (h / N)).float()  # 1/N on the small factor, not on (vocab, d)
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        # Kept on ctx rather than saved: backward hands them over as the sole owner, so autograd adds
+        # the tied embedding's sparse gradient into grad_weight in place instead of copying it.
+        ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype
         return loss / N
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss / ctx.n_rows
-        return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads
+        # In place, since a fresh (vocab, d) tensor costs a page fault per 4 KB on a CPU.
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None
 
 
 class Transformer(nn.Module):
@@ -338,8 +343,14 @@ class Transformer(nn.Module):
         if targets is None:
             return self.lm_head(hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        chunk_rows = max(1, 2**26 // self.config.vocab_size)  # ~256 MB of fp32 logits per chunk
-        return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets.reshape(-1), chunk_rows)
+        return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets.reshape(-1),
+                                              self.head_chunk_rows(len(flat)))
+
+    def head_chunk_rows(self, n_rows):
+        """Rows per chunk when the output head runs over n_rows positions: at most 512 MB of fp32
+        logits at a time, in equal chunks (a short last chunk would run its matmul slowly)."""
+        max_rows = max(1, 2**27 // self.config.vocab_size)
+        return -(-n_rows // -(-n_rows // max_rows))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, eos_id=None, generator=None):

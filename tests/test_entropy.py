@@ -61,19 +61,21 @@ def test_entropy_and_nll_match_transformers(tmp_path):
 
 
 def test_chunked_head_equals_unchunked():
-    # 2**26 // 2**19 = 128 predictions per chunk: 2 x 139 of them take three chunks, the last ragged.
-    vocab, chunk = 2**19, 128
+    # At most 2**27 // 2**19 = 256 predictions per chunk: the 2 x 139 here take two chunks of 139.
+    vocab = 2**19
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                     max_position_embeddings=512)).eval()
     sharpen(model.norm, 40.0)
+    chunk = model.head_chunk_rows(278)
+    assert chunk == 139
     idx = torch.randint(0, vocab, (2, 140))
     entropy, nll = token_entropies(model, idx, return_nll=True)
     # The reference, one prediction at a time through the same head, at every chunk's first and
     # last predictions and a spread of others (all of them would cost seconds at this vocabulary).
     rows = sorted({*range(0, 278, 23), *(c + o for c in (0, chunk, 2 * chunk) for o in (-2, -1, 0, 1)), 276, 277})
-    rows = torch.tensor([r for r in rows if r >= 0])               # flat (b, t - 1) prediction numbers
+    rows = torch.tensor([r for r in rows if 0 <= r < 278])         # flat (b, t - 1) prediction numbers
     b, t = rows // 139, rows % 139 + 1                            # column t is predicted at t - 1
     with torch.no_grad():
         hidden = model.body(idx[:, :-1]).double()                  # (2, 139, d)

@@ -1,0 +1,220 @@
+"""
+Speed and memory, measured side by side in one run: our Transformer against transformers'
+implementation of the same architecture with the same weights, the entropy pass against a
+training step, an EntroDrop step against a baseline step, and peak memory at Qwen's vocabulary.
+
+    python bench.py                                         # CPU, fp32: demo size and Qwen3-0.6B with 2 layers
+    python bench.py --device cuda --dtype bfloat16 --compile  # GPU: the whole Qwen3-0.6B, seq 4096
+
+Each comparison alternates the two sides after a warm-up and reports medians; a ratio is the
+median of ratios of adjacent pairs, so that a machine that slows down slows both sides of a pair.
+MFU is model FLOPs per second (6 per matmul weight per token, plus attention) over the device's
+peak: on a CPU, the best measured rate of a large matmul.
+"""
+
+import argparse
+import multiprocessing
+import os
+import platform
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+
+from dropout import draw_gamma, token_dropout_mask
+from entropy import token_entropies
+from model import MODEL_SIZES, ModelConfig, Transformer
+
+DEMO = ModelConfig(model_type="qwen3", vocab_size=257, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=1024)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def paired(first, second, device, repeats):
+    """Median seconds of each callable and the median of second/first over adjacent pairs."""
+    for fn in (first, second, first, second):  # warm-up: allocator, kernels, compilation
+        fn()
+    times = ([], [])
+    for r in range(repeats):
+        order = (0, 1) if r % 2 == 0 else (1, 0)  # alternate who goes first
+        for i in order:
+            synchronize(device)
+            start = time.perf_counter()
+            (first, second)[i]()
+            synchronize(device)
+            times[i].append(time.perf_counter() - start)
+    ratio = statistics.median(b / a for a, b in zip(*times))
+    return statistics.median(times[0]), statistics.median(times[1]), ratio
+
+
+def matmul_peak(device, dtype, n=2048, repeats=5):
+    """FLOP/s of the best of several n x n x n matmuls: the device's practical peak."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def model_pair(config, device, compile_models):
+    """Our model and transformers' from the same config and the same (random) weights."""
+    from transformers import AutoModelForCausalLM  # a reference only, never used by the project
+    torch.manual_seed(0)
+    ours = Transformer(config)
+    with tempfile.TemporaryDirectory() as folder:
+        ours.save_pretrained(folder)
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    ours, theirs = ours.to(device).train(), theirs.to(device).train()
+    if compile_models:
+        return torch.compile(ours), torch.compile(theirs), ours
+    return ours, theirs, ours
+
+
+def train_step(model, hf, inputs, targets, autocast, fill_mask=None):
+    """Forward and backward of one batch (the optimizer is the same for both and left out)."""
+    with autocast:
+        loss = model(input_ids=inputs, labels=inputs).loss if hf else model(inputs, targets, fill_mask=fill_mask)[1]
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def entrodrop_step(model, inputs, targets, scores, step, autocast):
+    """A baseline step plus what EntroDrop adds to it: the gate, the mask draws and the fill."""
+    sample_index = torch.arange(len(inputs))
+    target_rows = torch.ones(len(inputs), dtype=torch.bool)
+    gamma = draw_gamma(0, step, 0.1)
+    mask = token_dropout_mask(scores, target_rows, sample_index, 0, step, gamma, "low", 0.5).to(inputs.device)
+    train_step(model, False, inputs, targets, autocast, fill_mask=mask)
+
+
+def resident_bytes(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from Linux's /proc."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def peak_memory_child(what, config, batch, seq_len, device, dtype, queue):
+    """In a fresh process: extra peak memory (bytes) of one `what` over what was in use before it."""
+    torch.manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if what == "transformers":
+        from transformers import AutoModelForCausalLM
+        with tempfile.TemporaryDirectory() as folder:
+            Transformer(config).save_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    else:
+        model = Transformer(config).to(device)
+    inputs = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak, so that loading the model does not count
+        before = resident_bytes("VmRSS")
+    if what == "entropy":
+        with autocast:
+            token_entropies(model.eval(), inputs, return_nll=True)
+    else:
+        train_step(model, what == "transformers", inputs[:, :-1], inputs[:, 1:], autocast)
+    if device.type == "cuda":
+        queue.put(torch.cuda.max_memory_allocated(device) - before)
+    else:
+        queue.put(resident_bytes("VmHWM") - before)
+
+
+def peak_memory(what, config, batch, seq_len, device, dtype):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=peak_memory_child, args=(what, config, batch, seq_len, device, dtype, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--layers", type=int, default=0, help="Qwen3-0.6B layers (default: 2 on CPU, 28 on GPU)")
+    parser.add_argument("--seq_len", type=int, default=0, help="Qwen3-0.6B sequence (default: 512 on CPU, 4096 on GPU)")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    qwen = replace(MODEL_SIZES["Qwen3-0.6B"], num_hidden_layers=args.layers or (28 if gpu else 2))
+    qwen_seq = args.seq_len or (4096 if gpu else 512)
+    name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()} CPU"
+    print(f"device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
+          f"compile={args.compile}")
+    peak = matmul_peak(device, dtype)
+    print(f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({args.dtype}, 2048^3)\n")
+
+    rows = []
+    for label, config, batch, seq_len in (("demo (0.33M, vocab 257)", DEMO, 10, 256),
+                                          (f"Qwen3-0.6B shape, {qwen.num_hidden_layers} layers", qwen, 1, qwen_seq)):
+        ours, theirs, raw = model_pair(config, device, args.compile)
+        window = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
+        inputs, targets = window[:, :-1], window[:, 1:]
+        tokens = batch * seq_len
+        flops = raw.flops_per_token(seq_len) * tokens
+        t_ours, t_hf, ratio = paired(lambda: train_step(ours, False, inputs, targets, autocast),
+                                     lambda: train_step(theirs, True, inputs, targets, autocast), device, args.repeats)
+        rows.append((f"{label}: fwd+bwd tokens/s, ours | transformers", f"{tokens / t_ours:,.0f} | {tokens / t_hf:,.0f}",
+                     f"{ratio:.2f}x"))
+        rows.append((f"{label}: MFU, ours | transformers", f"{flops / t_ours / peak:.1%} | {flops / t_hf / peak:.1%}", ""))
+
+        def entropy_pass():
+            with torch.no_grad(), autocast:
+                token_entropies(raw, window, return_nll=True)
+        t_train, t_entropy, ratio = paired(lambda: train_step(ours, False, inputs, targets, autocast), entropy_pass,
+                                           device, args.repeats)
+        rows.append((f"{label}: entropy pass tokens/s vs training", f"{tokens / t_entropy:,.0f} vs {tokens / t_train:,.0f}",
+                     f"{1 / ratio:.2f}x"))
+        scores = torch.rand(batch, seq_len, dtype=torch.float16).float()
+        scores[:, 0] = float("nan")
+        counter = iter(range(10**9))
+        t_base, t_drop, ratio = paired(lambda: train_step(ours, False, inputs, targets, autocast),
+                                       lambda: entrodrop_step(ours, inputs, targets, scores, next(counter), autocast),
+                                       device, args.repeats)
+        rows.append((f"{label}: EntroDrop step time vs baseline", f"{t_drop * 1e3:,.1f} ms vs {t_base * 1e3:,.1f} ms",
+                     f"{ratio - 1:+.1%}"))
+        del ours, theirs, raw
+
+    memory_config = replace(qwen, num_hidden_layers=2 if not gpu else qwen.num_hidden_layers)
+    logits_bytes = lambda seq: seq * memory_config.vocab_size * 4
+    entropy_seq, train_seq = 4096, (4096 if gpu else 1024)
+    extra = peak_memory("entropy", memory_config, 1, entropy_seq, device, dtype)
+    rows.append((f"entropy pass extra peak memory, vocab 151,936, seq {entropy_seq}",
+                 f"{extra / 2**30:.2f} GiB", f"{extra / logits_bytes(entropy_seq):.2f}x one fp32 logits"))
+    ours_mem = peak_memory("ours", memory_config, 1, train_seq, device, dtype)
+    theirs_mem = peak_memory("transformers", memory_config, 1, train_seq, device, dtype)
+    rows.append((f"training step extra peak memory, seq {train_seq}, ours | transformers",
+                 f"{ours_mem / 2**30:.2f} | {theirs_mem / 2**30:.2f} GiB",
+                 f"{ours_mem / logits_bytes(train_seq):.2f}x | {theirs_mem / logits_bytes(train_seq):.2f}x one fp32 logits"))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  {'value':>28}  ratio")
+    for what, value, ratio in rows:
+        print(f"{what:<{width}}  {value:>28}  {ratio}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
