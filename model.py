@@ -56,38 +56,25 @@ class ModelConfig:
 
 _QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
               max_position_embeddings=40960, num_key_value_heads=8)
-_QWEN25 = dict(model_type="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6,
-               num_key_value_heads=2, tie_word_embeddings=True)
+_QWEN25 = dict(model_type="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6, num_key_value_heads=2)
 _LLAMA3 = dict(model_type="llama", vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
-               max_position_embeddings=131072, num_key_value_heads=8)
-
-
-def _llama3_rope(factor):
-    return dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-
+               max_position_embeddings=131072, num_key_value_heads=8, head_dim=128)
+_LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 
 # The released shapes, for benchmarks and for checking a config.json by eye.
-MODEL_SIZES = {
-    "Qwen3-0.6B": ModelConfig(**_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                              num_attention_heads=16, tie_word_embeddings=True),
-    "Qwen3-1.7B": ModelConfig(**_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                              num_attention_heads=16, tie_word_embeddings=True),
-    "Qwen3-8B": ModelConfig(**_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                            num_attention_heads=32, tie_word_embeddings=False),
-    "Qwen2.5-0.5B": ModelConfig(**_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                num_attention_heads=14, head_dim=64, max_position_embeddings=32768),
-    "Qwen2.5-1.5B": ModelConfig(**_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                num_attention_heads=12, head_dim=128, max_position_embeddings=131072),
-    "Llama-3.1-8B": ModelConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                num_attention_heads=32, head_dim=128, tie_word_embeddings=False,
-                                rope_scaling=_llama3_rope(8.0)),
-    "Llama-3.2-1B": ModelConfig(**_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                num_attention_heads=32, head_dim=64, tie_word_embeddings=True,
-                                rope_scaling=_llama3_rope(32.0)),
-    "Llama-3.2-3B": ModelConfig(**_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                                num_attention_heads=24, head_dim=128, tie_word_embeddings=True,
-                                rope_scaling=_llama3_rope(32.0)),
-}
+MODEL_SIZES = {name: ModelConfig(**{**family, **extra}, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
+                                 num_attention_heads=heads, tie_word_embeddings=tied)
+               for name, family, d, ffn, layers, heads, tied, extra in (
+    #                d      ffn    layers heads  tied
+    ("Qwen3-0.6B",   _QWEN3,  1024,  3072, 28, 16, True,  {}),
+    ("Qwen3-1.7B",   _QWEN3,  2048,  6144, 28, 16, True,  {}),
+    ("Qwen3-8B",     _QWEN3,  4096, 12288, 36, 32, False, {}),
+    ("Qwen2.5-0.5B", _QWEN25,  896,  4864, 24, 14, True,  dict(head_dim=64, max_position_embeddings=32768)),
+    ("Qwen2.5-1.5B", _QWEN25, 1536,  8960, 28, 12, True,  dict(head_dim=128, max_position_embeddings=131072)),
+    ("Llama-3.1-8B", _LLAMA3, 4096, 14336, 32, 32, False, dict(rope_scaling=dict(factor=8.0, **_LLAMA3_ROPE))),
+    ("Llama-3.2-1B", _LLAMA3, 2048,  8192, 16, 32, True,  dict(head_dim=64, rope_scaling=dict(factor=32.0, **_LLAMA3_ROPE))),
+    ("Llama-3.2-3B", _LLAMA3, 3072,  8192, 28, 24, True,  dict(rope_scaling=dict(factor=32.0, **_LLAMA3_ROPE))),
+)}
 
 
 def config_from_hf(hf: dict, source: str) -> ModelConfig:
@@ -264,15 +251,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:start + rows] = (dlogits @ weight) / N
                 part = (dlogits.T @ (h / N)).float()  # 1/N on the small factor, not on (vocab, d)
                 grad_weight = part if grad_weight is None else grad_weight.add_(part)
-        # Kept on ctx rather than saved: backward hands them over as the sole owner, so autograd adds
-        # the tied embedding's sparse gradient into grad_weight in place instead of copying it.
-        ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype
+        ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype  # results, not inputs: on ctx
         return loss / N
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.grads
-        del ctx.grads
+        del ctx.grads  # freed as soon as autograd is done with them
         # In place, since a fresh (vocab, d) tensor costs a page fault per 4 KB on a CPU.
         return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None
 
@@ -305,9 +290,6 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, 0.02)
         self.fill_embedding.copy_(self.embed_tokens.weight.float().mean(dim=0))
-
-    def num_parameters(self):
-        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6 per matmul weight plus attention (PaLM, appendix B)."""
@@ -395,7 +377,7 @@ class Transformer(nn.Module):
         with torch.device("meta"):  # no memory is spent on weights that are about to be replaced
             model = cls(config)
         checkpoint = _read_safetensors(folder, str(device))
-        expected = {cls.hf_name(n): p.shape for n, p in model.named_parameters()}
+        expected = {cls.hf_name(n): p.shape for n, p in model.named_parameters()}  # tied: one shared weight
         missing = sorted(expected.keys() - checkpoint.keys())
         # A tied checkpoint may still carry lm_head.weight: tying follows the config, not the file.
         redundant = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -403,15 +385,11 @@ class Transformer(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{folder}: tensors do not match a {config.model_type} model with this "
                              f"config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        state = {}
-        for name in model.state_dict(keep_vars=True):
-            if name == "fill_embedding" or (name == "lm_head.weight" and config.tie_word_embeddings):
-                continue
-            tensor = checkpoint[cls.hf_name(name)]
-            if tensor.shape != expected[cls.hf_name(name)]:
-                raise ValueError(f"{folder}: tensor {cls.hf_name(name)} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(expected[cls.hf_name(name)])} from config.json")
-            state[name] = tensor.to(dtype=dtype)
+        for name, shape in expected.items():
+            if checkpoint[name].shape != shape:
+                raise ValueError(f"{folder}: tensor {name} has shape {tuple(checkpoint[name].shape)}, "
+                                 f"expected {tuple(shape)} from config.json")
+        state = {n: checkpoint[cls.hf_name(n)].to(dtype=dtype) for n, _ in model.named_parameters()}
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
             model.lm_head.weight = model.embed_tokens.weight

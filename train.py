@@ -328,12 +328,14 @@ def main(argv):
                 f.write(json.dumps(record) + "\n")
         log_lines += 1
 
+    if checkpoint is None:
+        log({"kind": "config", **asdict(c)})
+
     # ---- the loop
     accumulation = c.global_batch_size // (c.micro_batch_size * world_size)
     dropping = c.method in ("token_dropout", "entrodrop")
     targeting = "all" if c.method == "token_dropout" else c.targeting
-    steps_per_epoch = loader.n_target / float(loader.target_per_step)
-    last_epoch, last_time = math.floor(loader.epoch), time.time()
+    last_epoch = math.floor(loader.epoch)
     flops_per_token, peak = raw_model.flops_per_token(c.seq_len), peak_flops(device)
     while True:
         step, epoch = loader.step, loader.epoch
@@ -367,6 +369,7 @@ def main(argv):
             break
 
         # one optimizer step: gamma_j once per step (Sec. 3.1), masks keyed by each row's window
+        step_start = time.time()
         j = epoch if c.curriculum_unit == "epoch" else step
         ceiling = gamma_max_at(j, c.gamma_max, c.curriculum_sharpness, c.curriculum_midpoint, c.curriculum) if dropping else 0.0
         gamma = draw_gamma(c.seed, step, ceiling)
@@ -406,9 +409,7 @@ def main(argv):
                                "the data.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        now = time.time()
-        tokens_per_sec = c.global_batch_size * c.seq_len / (now - last_time)
-        last_time = now
+        tokens_per_sec = c.global_batch_size * c.seq_len / (time.time() - step_start)
         if (step + 1) % c.log_interval == 0:
             log({"kind": "train", "step": step + 1, "epoch": loader.epoch, "lr": lr, "gamma_max": ceiling,
                  "gamma": gamma, "mask_rate": stats[1].item() / max(1.0, stats[2].item()), "train_loss": train_loss,

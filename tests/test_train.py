@@ -200,3 +200,28 @@ def test_existing_run_with_other_settings_is_not_overwritten(workspace, tmp_path
     train.main(args_for(workspace, out, method="baseline", max_steps=2))
     guard(workspace, tmp_path, r"different settings \(learning_rate\)", method="baseline", max_steps=2,
           learning_rate=1e-4)
+
+
+def test_extract_answer():
+    assert train.extract_answer(" He has 3 + 4 = 7 left.\nThe answer is 1,250.") == 1250
+    assert train.extract_answer("48 / 2 = 24 clips in May.\n#### 72") == 72
+    assert train.extract_answer(" 5 + 6 = 11 apples. So 11.\nQuestion: Tom has 4") == 11  # the next problem is cut
+    assert train.extract_answer(" no number here") is None
+
+
+def test_accuracy_counts_correct_greedy_answers(workspace, monkeypatch):
+    """evaluate() decodes each problem greedily and compares the extracted number with the answer."""
+    tokenizer = load_tokenizer("byte")
+    model = Transformer.from_pretrained(workspace / "base")
+    replies = {"Question: one\nAnswer:": " 2 + 5 = 7.\nThe answer is 7.", "Question: two\nAnswer:": " The answer is 8."}
+
+    def generate(idx, max_new_tokens, eos_id=None, **_):
+        reply = replies[tokenizer.decode(idx[0].tolist())]
+        return torch.cat((idx, torch.tensor([tokenizer.encode(reply) + [eos_id]])), dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    config = train.Config(micro_batch_size=2)
+    val = torch.randint(0, 256, (2, 33))
+    results = train.evaluate(model, config, val, val[:1], None, [("one", 7.0), ("two", 9.0)], tokenizer, 0, 1,
+                             torch.autocast("cpu", enabled=False))
+    assert results["accuracy"] == 0.5 and results["val_loss_low"] is None and results["val_loss"] > 0
