@@ -28,4 +28,5 @@ def test_demo_pipeline_end_to_end(tmp_path):
     for name in ("fig1c", "fig2a", "fig2c", "fig4", "theorem1"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 10_000, name
     assert "| EntroDrop | 1 |" in report and "| baseline | 1 |" in report
+    assert "| base model |" in report and "| EntroDrop, last step |" in report  # Theorem 1 rows
     assert (tmp_path / "results.md").read_text().strip() == report.strip()
