@@ -21,6 +21,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,17 @@ from model import MODEL_SIZES, ModelConfig, Transformer
 
 DEMO = ModelConfig(model_type="qwen3", vocab_size=257, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=1024)
+
+
+def cpu_name():
+    """The processor's marketing name from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def synchronize(device):
@@ -160,7 +172,7 @@ def main():
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     qwen = replace(MODEL_SIZES["Qwen3-0.6B"], num_hidden_layers=args.layers or (28 if gpu else 2))
     qwen_seq = args.seq_len or (4096 if gpu else 512)
-    name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()} CPU"
+    name = torch.cuda.get_device_name(device) if gpu else cpu_name()
     print(f"device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
           f"compile={args.compile}")
     peak = matmul_peak(device, dtype)

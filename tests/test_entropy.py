@@ -4,6 +4,9 @@ loader's windows), its refusal of a cache built from another model, other data o
 window length, and the checkpoint fingerprint."""
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +144,21 @@ def test_cache_holds_the_entropies_of_each_window(tmp_path):
     assert all(t.dtype == torch.float32 for t in loaded.values())
     for key, tensor in stored.items():
         torch.testing.assert_close(loaded[key], tensor.float(), rtol=0, atol=0, equal_nan=True)
+
+
+def test_two_ranks_build_the_same_cache_as_one_process(tmp_path):
+    """entropy.py under torchrun: ranks take every other window (21 train windows: 11 and 10, so
+    the gather pads one rank) and rank 0 writes windows back in their original order."""
+    checkpoint, target, path, header, _ = built_cache(tmp_path)
+    two_rank_path = tmp_path / "two_ranks.safetensors"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(Path(__file__).parents[1] / "entropy.py"), "--init_from", str(checkpoint),
+                    "--target_data", str(target), "--seq_len", str(SEQ_LEN), "--entropy_cache", str(two_rank_path),
+                    "--batch_size", "3"], check=True, capture_output=True)
+    one, two = load_entropy_cache(path, header, "rebuild it"), load_entropy_cache(two_rank_path, header, "rebuild it")
+    assert sorted(one) == sorted(two)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-3, equal_nan=True)
 
 
 @pytest.mark.parametrize("change", ["model", "data", "seq_len"])
