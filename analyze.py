@@ -208,8 +208,7 @@ def fit_variance(rates, variances):
     v0, x = variances[0], np.asarray(rates)
     k = np.linalg.lstsq((x ** 2)[:, None], variances - v0 * (1 - x), rcond=None)[0][0]
     free = np.polyfit(x, variances, 2)
-    vertex = -free[1] / (2 * free[0]) if free[0] > 0 else None
-    return {"K": k, "free": free, "vertex": vertex, "lowest_rate": float(x[int(np.argmin(variances))])}
+    return {"K": k, "free": free, "lowest_rate": float(x[int(np.argmin(variances))])}
 
 
 def figure_variance(rates, curves, path):
