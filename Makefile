@@ -52,6 +52,7 @@ reproduce: $(VENV)/installed
 	run entrodrop_high   --method=entrodrop --targeting=high; \
 	run entrodrop_random --method=entrodrop --targeting=random; \
 	run entrodrop_fixed  --method=entrodrop --curriculum=constant; \
+	run entrodrop_midpoint5 --method=entrodrop --curriculum_midpoint=5; \
 	run entrodrop_zero_fill --method=entrodrop --fill=zero; \
 	for gamma in 0.05 0.1 0.2; do run entrodrop_gamma$$gamma --method=entrodrop --gamma_max=$$gamma; done; \
 	$(PY) analyze.py out/reproduce > /dev/null; \

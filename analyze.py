@@ -9,6 +9,7 @@ their folder's name; several seeds of one setting live in <name>/seed<k>/ and ar
 mean +- std. The names this script knows (each figure or table uses those that are present):
     baseline, weight_decay, hidden_dropout, neftune, token_dropout, entrodrop    (Fig. 2a)
     entrodrop_fixed                      curriculum="constant"                   (Fig. 2b)
+    entrodrop_midpoint<j>                curriculum_midpoint=<j>                 (Fig. 2b)
     entrodrop_high, entrodrop_random     targeting="high" / "random"             (Table 3)
     entrodrop_gamma<g>                   gamma_max=<g>                           (Table 4)
     entrodrop_zero_fill                  fill="zero"                             (Appendix A.3)
@@ -48,7 +49,9 @@ CURVES = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss")
 
 def label(name):
     gamma = re.fullmatch(r"entrodrop_gamma([\d.]+)", name)
-    return METHODS.get(name) or ABLATIONS.get(name) or (f"EntroDrop, gamma_max {gamma[1]}" if gamma else name)
+    midpoint = re.fullmatch(r"entrodrop_midpoint([\d.]+)", name)
+    return (METHODS.get(name) or ABLATIONS.get(name) or (f"EntroDrop, gamma_max {gamma[1]}" if gamma else None)
+            or (f"EntroDrop, midpoint j0 = {midpoint[1]}" if midpoint else name))
 
 
 # ---- reading runs ------------------------------------------------------------------------
@@ -282,7 +285,8 @@ def main(argv=None):
                       figures / "fig4.png")
         report += ["![Fig. 4](figures/fig4.png)", ""]
     if "entrodrop_fixed" in groups:
-        names = ["baseline", "entrodrop", "entrodrop_fixed"]
+        names = ["baseline", "entrodrop", *sorted(n for n in groups if n.startswith("entrodrop_midpoint")),
+                 "entrodrop_fixed"]
         figure_methods(groups, names, "Fig. 2b: curriculum vs fixed ratio", figures / "fig2b.png")
         report += ["## Curriculum vs fixed ratio (Fig. 2b)", "", table(
             ["run", "seeds", "min val loss", "best epoch", "final val loss", "rise after best", "low-entropy loss",

@@ -33,6 +33,8 @@ from schedule import gamma_max_at, learning_rate_at
 from tokenizer import load_tokenizer
 
 METHODS = ("baseline", "weight_decay", "hidden_dropout", "neftune", "token_dropout", "entrodrop")
+TOKEN_DROPOUT_KEYS = {"gamma_max", "gate_percentile", "targeting", "score", "curriculum", "curriculum_sharpness",
+                      "curriculum_midpoint", "curriculum_unit", "fill"}
 
 
 @dataclass
@@ -67,7 +69,8 @@ class Config:
     score: str = "entropy"                     # entrodrop: rank tokens by "entropy" or "nll" (confidence)
     curriculum: str = "sigmoid"                # token dropout: "sigmoid" (Eq. 4) or "constant" (fixed ratio)
     curriculum_sharpness: float = 1.0          # k of Eq. (4), per curriculum_unit
-    curriculum_midpoint: float = 5.0           # j0 of Eq. (4), in curriculum_unit
+    curriculum_midpoint: float = 9.0           # j0 of Eq. (4), in curriculum_unit: where the baseline's
+                                               # target val loss bottoms (Sec. 3.3); epoch 9 in the demo
     curriculum_unit: str = "epoch"             # "epoch" (target epochs) or "step" (optimizer steps)
     fill: str = "mean"                         # token dropout: "mean" embedding (Eq. 1) or "zero" (A.3)
     neftune_alpha: float = 5.0                 # neftune: noise scale alpha / sqrt(L * d)
@@ -231,7 +234,9 @@ def main(argv):
     # ---- an earlier run in out_dir: reuse it if finished, resume it if asked, never overwrite it
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
     if checkpoint is not None:
-        changed = {k for k, v in asdict(c).items() if k != "resume" and checkpoint["config"].get(k) != v}
+        # Only settings this run reads count: a moved folder or a token dropout knob of a baseline is no change.
+        unread = {"resume", "out_dir"} | (set() if c.method in ("token_dropout", "entrodrop") else TOKEN_DROPOUT_KEYS)
+        changed = {k for k, v in asdict(c).items() if k not in unread and checkpoint["config"].get(k) != v}
         if changed:
             raise ValueError(f"{ckpt_path} is a run with different settings ({', '.join(sorted(changed))}); "
                              "choose another out_dir or delete it")

@@ -202,6 +202,18 @@ def test_existing_run_with_other_settings_is_not_overwritten(workspace, tmp_path
           learning_rate=1e-4)
 
 
+def test_finished_run_is_reused_when_moved_or_when_an_unread_knob_changes(workspace, tmp_path, capsys):
+    train.main(args_for(workspace, tmp_path / "first", method="baseline", max_steps=2))
+    (tmp_path / "first").rename(tmp_path / "moved")
+    before = (tmp_path / "moved" / "log.jsonl").read_text()
+    train.main(args_for(workspace, tmp_path / "moved", method="baseline", max_steps=2, curriculum_midpoint=7))
+    assert "already holds this finished run" in capsys.readouterr().out
+    assert (tmp_path / "moved" / "log.jsonl").read_text() == before
+    train.main(args_for(workspace, tmp_path / "drop", method="entrodrop", max_steps=2))
+    with pytest.raises(ValueError, match=r"different settings \(curriculum_midpoint\)"):
+        train.main(args_for(workspace, tmp_path / "drop", method="entrodrop", max_steps=2, curriculum_midpoint=7))
+
+
 def test_extract_answer():
     assert train.extract_answer(" He has 3 + 4 = 7 left.\nThe answer is 1,250.") == 1250
     assert train.extract_answer("48 / 2 = 24 clips in May.\n#### 72") == 72
