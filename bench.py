@@ -9,7 +9,8 @@ training step, an EntroDrop step against a baseline step, and peak memory at Qwe
 Each comparison alternates the two sides after a warm-up and reports medians; a ratio is the
 median of ratios of adjacent pairs, so that a machine that slows down slows both sides of a pair.
 MFU is model FLOPs per second (6 per matmul weight per token, plus attention) over the device's
-peak: on a CPU, the best measured rate of a large matmul.
+peak: on a CPU, the best measured rate of a large matmul, taken at the start and at the end of the
+run (a shared machine can be slow at either moment).
 """
 
 import argparse
@@ -66,7 +67,7 @@ def paired(first, second, device, repeats):
     return statistics.median(times[0]), statistics.median(times[1]), ratio
 
 
-def matmul_peak(device, dtype, n=2048, repeats=5):
+def matmul_peak(device, dtype, n=2048, repeats=10):
     """FLOP/s of the best of several n x n x n matmuls: the device's practical peak."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -101,13 +102,38 @@ def train_step(model, hf, inputs, targets, autocast, fill_mask=None):
     model.zero_grad(set_to_none=True)
 
 
-def entrodrop_step(model, inputs, targets, scores, step, autocast):
-    """A baseline step plus what EntroDrop adds to it: the gate, the mask draws and the fill."""
-    sample_index = torch.arange(len(inputs))
-    target_rows = torch.ones(len(inputs), dtype=torch.bool)
+def entrodrop_mask(scores, step, device):
+    """What EntroDrop adds before the forward pass: gamma_j, the gate and the mask draws (Eqs. 2-3)."""
+    rows = len(scores)
     gamma = draw_gamma(0, step, 0.1)
-    mask = token_dropout_mask(scores, target_rows, sample_index, 0, step, gamma, "low", 0.5).to(inputs.device)
-    train_step(model, False, inputs, targets, autocast, fill_mask=mask)
+    return token_dropout_mask(scores, torch.ones(rows, dtype=torch.bool), torch.arange(rows), 0, step, gamma, "low",
+                              0.5).to(device)
+
+
+def entrodrop_step(model, inputs, targets, scores, step, autocast):
+    """A baseline step with EntroDrop's mask and fill."""
+    train_step(model, False, inputs, targets, autocast, fill_mask=entrodrop_mask(scores, step, inputs.device))
+
+
+def entrodrop_added_work(embeddings, fill, upstream, scores, step):
+    """EntroDrop's additions alone: the mask, then the fill (Eq. 1) forward and backward on (B, T, d)
+    embeddings, as in Transformer.body."""
+    mask = entrodrop_mask(scores, step, embeddings.device)
+    torch.where(mask[..., None], fill, embeddings).backward(upstream)
+    embeddings.grad = None
+
+
+def median_seconds(fn, device, repeats):
+    for _ in range(2):  # warm-up
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def resident_bytes(field):
@@ -176,7 +202,6 @@ def main():
     print(f"device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
           f"compile={args.compile}")
     peak = matmul_peak(device, dtype)
-    print(f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({args.dtype}, 2048^3)\n")
 
     rows = []
     for label, config, batch, seq_len in (("demo (0.33M, vocab 257)", DEMO, 10, 256),
@@ -190,7 +215,7 @@ def main():
                                      lambda: train_step(theirs, True, inputs, targets, autocast), device, args.repeats)
         rows.append((f"{label}: fwd+bwd tokens/s, ours | transformers", f"{tokens / t_ours:,.0f} | {tokens / t_hf:,.0f}",
                      f"{ratio:.2f}x"))
-        rows.append((f"{label}: MFU, ours | transformers", f"{flops / t_ours / peak:.1%} | {flops / t_hf / peak:.1%}", ""))
+        rows.append((f"{label}: MFU, ours | transformers", (flops / t_ours, flops / t_hf), ""))  # FLOP/s, over the peak below
 
         def entropy_pass():
             with torch.no_grad(), autocast:
@@ -202,11 +227,20 @@ def main():
         scores = torch.rand(batch, seq_len, dtype=torch.float16).float()
         scores[:, 0] = float("nan")
         counter = iter(range(10**9))
+        # The two sides differ by ~1%, well inside one pair's noise: take a minute's worth of pairs.
+        pairs = max(args.repeats, int(30 / t_train))
         t_base, t_drop, ratio = paired(lambda: train_step(ours, False, inputs, targets, autocast),
                                        lambda: entrodrop_step(ours, inputs, targets, scores, next(counter), autocast),
-                                       device, args.repeats)
+                                       device, pairs)
         rows.append((f"{label}: EntroDrop step time vs baseline", f"{t_drop * 1e3:,.1f} ms vs {t_base * 1e3:,.1f} ms",
                      f"{ratio - 1:+.1%}"))
+        # The full-step ratio above carries the machine's noise; EntroDrop's additions timed alone do not.
+        embeddings = torch.randn(batch, seq_len, config.hidden_size, device=device, requires_grad=True)
+        fill, upstream = torch.randn(config.hidden_size, device=device), torch.randn_like(embeddings)
+        t_added = median_seconds(lambda: entrodrop_added_work(embeddings, fill, upstream, scores, next(counter)),
+                                 device, 5 * args.repeats)
+        rows.append((f"{label}: EntroDrop's additions alone (mask, fill fwd+bwd)",
+                     f"{t_added * 1e3:,.2f} ms vs {t_base * 1e3:,.1f} ms", f"+{t_added / t_base:.2%}"))
         del ours, theirs, raw
 
     memory_config = replace(qwen, num_hidden_layers=2 if not gpu else qwen.num_hidden_layers)
@@ -221,6 +255,10 @@ def main():
                  f"{ours_mem / 2**30:.2f} | {theirs_mem / 2**30:.2f} GiB",
                  f"{ours_mem / logits_bytes(train_seq):.2f}x | {theirs_mem / logits_bytes(train_seq):.2f}x one fp32 logits"))
 
+    peak = max(peak, matmul_peak(device, dtype))
+    print(f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({args.dtype}, 2048^3)\n")
+    rows = [(what, " | ".join(f"{x / peak:.1%}" for x in value) if isinstance(value, tuple) else value, ratio)
+            for what, value, ratio in rows]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'value':>28}  ratio")
     for what, value, ratio in rows:
