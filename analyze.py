@@ -47,11 +47,14 @@ ABLATIONS = {"entrodrop_fixed": "EntroDrop, fixed ratio", "entrodrop_high": "Ent
 CURVES = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss")
 
 
+SWEEPS = {"gamma": "gamma_max", "midpoint": "midpoint j0 ="}  # entrodrop_<sweep><value>
+
+
 def label(name):
-    gamma = re.fullmatch(r"entrodrop_gamma([\d.]+)", name)
-    midpoint = re.fullmatch(r"entrodrop_midpoint([\d.]+)", name)
-    return (METHODS.get(name) or ABLATIONS.get(name) or (f"EntroDrop, gamma_max {gamma[1]}" if gamma else None)
-            or (f"EntroDrop, midpoint j0 = {midpoint[1]}" if midpoint else name))
+    swept = re.fullmatch(r"entrodrop_(gamma|midpoint)([\d.]+)", name)
+    if swept:
+        return f"EntroDrop, {SWEEPS[swept[1]]} {swept[2]}"
+    return METHODS.get(name) or ABLATIONS.get(name) or name
 
 
 # ---- reading runs ------------------------------------------------------------------------

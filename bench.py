@@ -124,6 +124,7 @@ def entrodrop_added_work(embeddings, fill, upstream, scores, step):
 
 
 def median_seconds(fn, device, repeats):
+    """Median seconds of one callable after a warm-up."""
     for _ in range(2):  # warm-up
         fn()
     times = []

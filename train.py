@@ -33,6 +33,7 @@ from schedule import gamma_max_at, learning_rate_at
 from tokenizer import load_tokenizer
 
 METHODS = ("baseline", "weight_decay", "hidden_dropout", "neftune", "token_dropout", "entrodrop")
+TOKEN_DROPOUT_METHODS = ("token_dropout", "entrodrop")
 TOKEN_DROPOUT_KEYS = {"gamma_max", "gate_percentile", "targeting", "score", "curriculum", "curriculum_sharpness",
                       "curriculum_midpoint", "curriculum_unit", "fill"}
 
@@ -140,7 +141,7 @@ def validate(c: Config, world_size):
             f"weight_decay={c.weight_decay}: must be > 0 for method=weight_decay and 0 otherwise")
     require((c.dropout > 0) == (c.method == "hidden_dropout"),
             f"dropout={c.dropout}: must be > 0 for method=hidden_dropout and 0 otherwise")
-    dropping = c.method in ("token_dropout", "entrodrop")
+    dropping = c.method in TOKEN_DROPOUT_METHODS
     require(not dropping or c.gamma_max > 0, f"method={c.method} needs gamma_max > 0")
     for key, default in (("targeting", "low"), ("score", "entropy"), ("curriculum", "sigmoid"), ("fill", "mean")):
         owner_ok = c.method == "entrodrop" if key in ("targeting", "score") else dropping
@@ -235,7 +236,7 @@ def main(argv):
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
     if checkpoint is not None:
         # Only settings this run reads count: a moved folder or a token dropout knob of a baseline is no change.
-        unread = {"resume", "out_dir"} | (set() if c.method in ("token_dropout", "entrodrop") else TOKEN_DROPOUT_KEYS)
+        unread = {"resume", "out_dir"} | (set() if c.method in TOKEN_DROPOUT_METHODS else TOKEN_DROPOUT_KEYS)
         changed = {k for k, v in asdict(c).items() if k not in unread and checkpoint["config"].get(k) != v}
         if changed:
             raise ValueError(f"{ckpt_path} is a run with different settings ({', '.join(sorted(changed))}); "
@@ -338,7 +339,7 @@ def main(argv):
 
     # ---- the loop
     accumulation = c.global_batch_size // (c.micro_batch_size * world_size)
-    dropping = c.method in ("token_dropout", "entrodrop")
+    dropping = c.method in TOKEN_DROPOUT_METHODS
     targeting = "all" if c.method == "token_dropout" else c.targeting
     last_epoch = math.floor(loader.epoch)
     flops_per_token, peak = raw_model.flops_per_token(c.seq_len), peak_flops(device)
