@@ -44,10 +44,8 @@ METHODS = {"baseline": "baseline", "weight_decay": "weight decay", "hidden_dropo
            "neftune": "NEFTune", "token_dropout": "token dropout (all tokens)", "entrodrop": "EntroDrop"}
 ABLATIONS = {"entrodrop_fixed": "EntroDrop, fixed ratio", "entrodrop_high": "EntroDrop targeting high entropy",
              "entrodrop_random": "EntroDrop targeting a random share", "entrodrop_zero_fill": "EntroDrop, zero fill"}
-CURVES = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss")
-
-
 SWEEPS = {"gamma": "gamma_max", "midpoint": "midpoint j0 ="}  # entrodrop_<sweep><value>
+CURVES = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss")
 
 
 def label(name):

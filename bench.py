@@ -50,6 +50,15 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def seconds(fn, device):
+    """Wall time of one call, with the device's queued work finished on both sides."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def paired(first, second, device, repeats):
     """Median seconds of each callable and the median of second/first over adjacent pairs."""
     for fn in (first, second, first, second):  # warm-up: allocator, kernels, compilation
@@ -58,11 +67,7 @@ def paired(first, second, device, repeats):
     for r in range(repeats):
         order = (0, 1) if r % 2 == 0 else (1, 0)  # alternate who goes first
         for i in order:
-            synchronize(device)
-            start = time.perf_counter()
-            (first, second)[i]()
-            synchronize(device)
-            times[i].append(time.perf_counter() - start)
+            times[i].append(seconds((first, second)[i], device))
     ratio = statistics.median(b / a for a, b in zip(*times))
     return statistics.median(times[0]), statistics.median(times[1]), ratio
 
@@ -70,14 +75,7 @@ def paired(first, second, device, repeats):
 def matmul_peak(device, dtype, n=2048, repeats=10):
     """FLOP/s of the best of several n x n x n matmuls: the device's practical peak."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / min(seconds(lambda: a @ b, device) for _ in range(repeats + 1))
 
 
 def model_pair(config, device, compile_models):
@@ -127,14 +125,7 @@ def median_seconds(fn, device, repeats):
     """Median seconds of one callable after a warm-up."""
     for _ in range(2):  # warm-up
         fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
 def resident_bytes(field):
