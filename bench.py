@@ -9,8 +9,8 @@ training step, an EntroDrop step against a baseline step, and peak memory at Qwe
 Each comparison alternates the two sides after a warm-up and reports medians; a ratio is the
 median of ratios of adjacent pairs, so that a machine that slows down slows both sides of a pair.
 MFU is model FLOPs per second (6 per matmul weight per token, plus attention) over the device's
-peak: on a CPU, the best measured rate of a large matmul, taken at the start and at the end of the
-run (a shared machine can be slow at either moment).
+peak: a known GPU's datasheet bf16 figure; elsewhere (a CPU) the best measured rate of a large
+matmul, taken at the start and at the end of the run (a shared machine can be slow at either moment).
 """
 
 import argparse
@@ -29,6 +29,7 @@ import torch
 from dropout import draw_gamma, token_dropout_mask
 from entropy import token_entropies
 from model import MODEL_SIZES, ModelConfig, Transformer
+from train import peak_flops
 
 DEMO = ModelConfig(model_type="qwen3", vocab_size=257, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=1024)
@@ -193,7 +194,8 @@ def main():
     name = torch.cuda.get_device_name(device) if gpu else cpu_name()
     print(f"device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
           f"compile={args.compile}")
-    peak = matmul_peak(device, dtype)
+    datasheet_peak = peak_flops(device) if dtype == torch.bfloat16 else None
+    peak = datasheet_peak or matmul_peak(device, dtype)
 
     rows = []
     for label, config, batch, seq_len in (("demo (0.33M, vocab 257)", DEMO, 10, 256),
@@ -247,8 +249,11 @@ def main():
                  f"{ours_mem / 2**30:.2f} | {theirs_mem / 2**30:.2f} GiB",
                  f"{ours_mem / logits_bytes(train_seq):.2f}x | {theirs_mem / logits_bytes(train_seq):.2f}x one fp32 logits"))
 
-    peak = max(peak, matmul_peak(device, dtype))
-    print(f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({args.dtype}, 2048^3)\n")
+    if datasheet_peak:
+        print(f"datasheet peak: {peak / 1e12:.0f} TFLOP/s (dense bf16)\n")
+    else:
+        peak = max(peak, matmul_peak(device, dtype))
+        print(f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({args.dtype}, 2048^3)\n")
     rows = [(what, " | ".join(f"{x / peak:.1%}" for x in value) if isinstance(value, tuple) else value, ratio)
             for what, value, ratio in rows]
     width = max(len(r[0]) for r in rows)

@@ -153,8 +153,6 @@ def main():
     build_entropy_cache(model, args.target_data, args.seq_len, path, header, args.batch_size, rank, world_size)
     if rank == 0:
         print(f"wrote {path}")
-    if distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -162,3 +160,6 @@ if __name__ == "__main__":
         main()
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():  # also after an error: a group left to the interpreter's exit can abort
+            dist.destroy_process_group()

@@ -11,6 +11,7 @@ Every setting is a field of Config below. A preset in config/ assigns some of th
 """
 
 import ast
+import gc
 import json
 import math
 import os
@@ -210,9 +211,10 @@ def save_checkpoint(path, state):
 
 
 def peak_flops(device):
-    """Dense bf16 peak of known GPUs, for MFU; None elsewhere."""
+    """Dense bf16 peak of known GPUs from their datasheets, for MFU; None elsewhere."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((flops for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in name), None)
+    known = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+    return next((flops for key, flops in known if key in name), None)  # first match: "H100" alone is the SXM part
 
 
 def main(argv):
@@ -325,7 +327,7 @@ def main(argv):
     if c.compile:
         model = torch.compile(model)
     if distributed:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     def log(record):
         nonlocal log_lines
@@ -342,7 +344,7 @@ def main(argv):
     dropping = c.method in TOKEN_DROPOUT_METHODS
     targeting = "all" if c.method == "token_dropout" else c.targeting
     last_epoch = math.floor(loader.epoch)
-    flops_per_token, peak = raw_model.flops_per_token(c.seq_len), peak_flops(device)
+    flops_per_token, peak = raw_model.flops_per_token(c.seq_len), peak_flops(device) if bf16 else None
     while True:
         step, epoch = loader.step, loader.epoch
         epoch_end = math.floor(epoch) > last_epoch
@@ -427,8 +429,6 @@ def main(argv):
     if master:
         print(f"done: best target val loss {best['val_loss']:.4f} at epoch {best['epoch']:.2f}; "
               f"exported to {out_dir / 'best'}")
-    if distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -436,3 +436,9 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            # The DDP wrapper sits in a reference cycle that holds the process group, and a group left
+            # to the interpreter's exit can abort the process (gloo): free both while Python is alive.
+            gc.collect()
+            dist.destroy_process_group()

@@ -83,6 +83,9 @@ def test_two_ranks_match_one_process_with_twice_the_accumulation(workspace, tmp_
         assert max(r["mask_rate"] for r in a) > 0
     for x, y in zip(records(single, "eval"), records(double, "eval")):
         assert abs(x["val_loss"] - y["val_loss"]) <= 1e-5
+    # Started again, both ranks find the finished run and exit cleanly without training.
+    again = run(args_for(workspace, double, **settings), torchrun=True)
+    assert "already holds this finished run" in again.stdout
 
 
 def final_state(out_dir):
