@@ -257,7 +257,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.grads
-        del ctx.grads  # freed as soon as autograd is done with them
+        ctx.grads = None  # freed as soon as autograd is done with them
         # In place, since a fresh (vocab, d) tensor costs a page fault per 4 KB on a CPU.
         return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None
 

@@ -176,6 +176,44 @@ def test_training_loss_and_gradients_match_transformers(tmp_path):
         assert torch.allclose(ours_grads[name], p.grad, atol=1e-5), name
 
 
+def training_step(model, idx, targets, fill_mask):
+    model.zero_grad(set_to_none=True)
+    _, loss = model(idx, targets, fill_mask=fill_mask)
+    loss.backward()
+    # a compiled model names its parameters "_orig_mod.<name>"
+    return loss.item(), {name.removeprefix("_orig_mod."): p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_training_step_compiles_to_one_graph_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY))
+    idx, targets = torch.randint(0, 300, (2, 2, 40)).unbind(0)
+    fill_mask = torch.rand(2, 40) < 0.3
+    explanation = torch._dynamo.explain(model)(idx, targets, fill_mask=fill_mask)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    eager_loss, eager_grads = training_step(model, idx, targets, fill_mask)
+    # aot_eager traces forward and backward as torch.compile does (the fused loss included), without
+    # the C++ code generation that would take most of a minute here.
+    compiled_loss, compiled_grads = training_step(torch.compile(model, backend="aot_eager"), idx, targets, fill_mask)
+    assert abs(compiled_loss - eager_loss) <= 1e-6
+    for name, grad in eager_grads.items():
+        assert torch.allclose(compiled_grads[name], grad, atol=1e-6), name
+
+
+def test_bfloat16_autocast_step_stays_close_to_float32():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY))
+    idx, targets = torch.randint(0, 300, (2, 2, 40)).unbind(0)
+    fill_mask = torch.rand(2, 40) < 0.3
+    full_loss, full_grads = training_step(model, idx, targets, fill_mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half_loss, half_grads = training_step(model, idx, targets, fill_mask)
+    assert abs(half_loss - full_loss) <= 0.01 * full_loss
+    for name, grad in full_grads.items():
+        assert half_grads[name].dtype == torch.float32, name  # fp32 weights keep fp32 gradients
+        assert (half_grads[name] - grad).norm() <= 0.05 * grad.norm() + 1e-6, name
+
+
 # ---- bad input: each error names what is wrong ---------------------------------------------
 
 @pytest.fixture
