@@ -57,13 +57,23 @@ def token_entropies(model, idx, return_nll=False):
     The output head runs on a few hundred positions at a time, so the (B, T, vocab) fp32 logits
     never exist at once (at vocab 151,936 one 4,096-token sequence of them is 2.5 GB)."""
     B, T = idx.shape
-    hidden = model.body(idx[:, :-1]).reshape(B * (T - 1), -1)  # predicts columns 1 .. T-1
+    device = idx.device.type
+    # Under the caller's autocast, if any, but without its cache: each layer's weight is used once
+    # here, and caching the low-precision copies of all of them would only hold memory (1.2 GB
+    # for Qwen3-0.6B). The head's weight, used by every chunk, is cast once by hand instead.
+    with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device),
+                        cache_enabled=False):
+        hidden = model.body(idx[:, :-1]).reshape(B * (T - 1), -1)  # predicts columns 1 .. T-1
+    head = model.lm_head.weight                                     # (vocab, d)
+    if torch.is_autocast_enabled(device):
+        head = head.to(torch.get_autocast_dtype(device))
+        hidden = hidden.to(head.dtype)
     targets = idx[:, 1:].reshape(-1)
     entropy = torch.empty(B * (T - 1), device=idx.device)
     nll = torch.empty(B * (T - 1), device=idx.device)
     rows = model.head_chunk_rows(len(targets))
     for start in range(0, len(targets), rows):
-        logits = model.lm_head(hidden[start:start + rows]).float()           # (n, vocab)
+        logits = (hidden[start:start + rows] @ head.T).float()              # (n, vocab)
         target_logit = logits.gather(1, targets[start:start + rows, None]).squeeze(1)
         peak = logits.amax(dim=-1, keepdim=True)                              # (n, 1)
         probs = logits.sub_(peak).exp_()                                      # in place: softmax x total

@@ -90,6 +90,21 @@ def test_chunked_head_equals_unchunked():
     assert entropy[:, 0].isnan().all() and not entropy[:, 1:].isnan().any() and not nll[:, 1:].isnan().any()
 
 
+def test_bfloat16_autocast_entropies_stay_close_to_float32():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    sharpen(model.norm, 10.0)
+    idx = torch.randint(0, 300, (2, 40))
+    full = token_entropies(model, idx, return_nll=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = token_entropies(model, idx, return_nll=True)
+    for a, b in zip(full, half):
+        assert b.dtype == torch.float32
+        assert (a - b)[:, 1:].abs().max() <= 0.02 * a[:, 1:].abs().max()  # bf16 keeps 2-3 digits
+        assert a[:, 1:].std() > 0.1
+
+
 # ---- the cache ----------------------------------------------------------------------------------
 
 def save_checkpoint(folder, seed):
