@@ -1,6 +1,6 @@
-# make demo       the embedded default end to end on a CPU, no downloads (~8 minutes on 2 cores)
+# make demo       the embedded default end to end on a CPU, no downloads (4-8 minutes on 2 cores)
 # make test       the whole test suite
-# make reproduce  the fuller miniature study: every baseline and ablation, three seeds (~85 minutes on 2 cores)
+# make reproduce  the fuller miniature study: every baseline and ablation, three seeds (65-85 minutes on 2 cores)
 # make bench      speed and memory against transformers
 # Each target creates .venv and installs what it needs on first use.
 
