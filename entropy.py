@@ -58,16 +58,14 @@ def token_entropies(model, idx, return_nll=False):
     never exist at once (at vocab 151,936 one 4,096-token sequence of them is 2.5 GB)."""
     B, T = idx.shape
     device = idx.device.type
+    autocast, low_precision = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
     # Under the caller's autocast, if any, but without its cache: each layer's weight is used once
     # here, and caching the low-precision copies of all of them would only hold memory (1.2 GB
     # for Qwen3-0.6B). The head's weight, used by every chunk, is cast once by hand instead.
-    with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device),
-                        cache_enabled=False):
+    with torch.autocast(device, dtype=low_precision, enabled=autocast, cache_enabled=False):
         hidden = model.body(idx[:, :-1]).reshape(B * (T - 1), -1)  # predicts columns 1 .. T-1
-    head = model.lm_head.weight                                     # (vocab, d)
-    if torch.is_autocast_enabled(device):
-        head = head.to(torch.get_autocast_dtype(device))
-        hidden = hidden.to(head.dtype)
+    head = model.lm_head.weight.to(low_precision) if autocast else model.lm_head.weight  # (vocab, d)
+    hidden = hidden.to(head.dtype)
     targets = idx[:, 1:].reshape(-1)
     entropy = torch.empty(B * (T - 1), device=idx.device)
     nll = torch.empty(B * (T - 1), device=idx.device)
