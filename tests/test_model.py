@@ -176,6 +176,13 @@ def test_training_loss_and_gradients_match_transformers(tmp_path):
         assert torch.allclose(ours_grads[name], p.grad, atol=1e-5), name
 
 
+def tiny_model_and_batch():
+    """A random tiny model, two rows of inputs and targets, and a fill mask over 30% of positions."""
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 300, (2, 2, 40)).unbind(0)
+    return Transformer(ModelConfig(**TINY)), idx, targets, torch.rand(2, 40) < 0.3
+
+
 def training_step(model, idx, targets, fill_mask):
     model.zero_grad(set_to_none=True)
     _, loss = model(idx, targets, fill_mask=fill_mask)
@@ -185,10 +192,7 @@ def training_step(model, idx, targets, fill_mask):
 
 
 def test_training_step_compiles_to_one_graph_with_the_same_gradients():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**TINY))
-    idx, targets = torch.randint(0, 300, (2, 2, 40)).unbind(0)
-    fill_mask = torch.rand(2, 40) < 0.3
+    model, idx, targets, fill_mask = tiny_model_and_batch()
     explanation = torch._dynamo.explain(model)(idx, targets, fill_mask=fill_mask)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
     eager_loss, eager_grads = training_step(model, idx, targets, fill_mask)
@@ -201,10 +205,7 @@ def test_training_step_compiles_to_one_graph_with_the_same_gradients():
 
 
 def test_bfloat16_autocast_step_stays_close_to_float32():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**TINY))
-    idx, targets = torch.randint(0, 300, (2, 2, 40)).unbind(0)
-    fill_mask = torch.rand(2, 40) < 0.3
+    model, idx, targets, fill_mask = tiny_model_and_batch()
     full_loss, full_grads = training_step(model, idx, targets, fill_mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half_loss, half_grads = training_step(model, idx, targets, fill_mask)
