@@ -344,11 +344,13 @@ def main(argv):
     dropping = c.method in TOKEN_DROPOUT_METHODS
     targeting = "all" if c.method == "token_dropout" else c.targeting
     last_epoch = math.floor(loader.epoch)
+    resumed_step = loader.step if checkpoint is not None else None  # evaluated before that checkpoint was saved
     flops_per_token, peak = raw_model.flops_per_token(c.seq_len), peak_flops(device) if bf16 else None
     while True:
         step, epoch = loader.step, loader.epoch
         epoch_end = math.floor(epoch) > last_epoch
-        if step == 0 or step == max_steps or epoch_end or (c.eval_interval and step % c.eval_interval == 0):
+        due = step == 0 or step == max_steps or epoch_end or (c.eval_interval and step % c.eval_interval == 0)
+        if due and step != resumed_step:
             results = evaluate(raw_model, c, val, general_val, groups, problems, tokenizer, rank, world_size, autocast)
             if results["val_loss"] < best["val_loss"]:
                 best = {"val_loss": results["val_loss"], "epoch": epoch, "step": step}

@@ -94,7 +94,7 @@ def final_state(out_dir):
 
 @pytest.mark.parametrize("method", ["entrodrop", "hidden_dropout"])
 def test_resume_after_sigkill_is_bitwise_identical(workspace, tmp_path, method):
-    extra = dict(method=method, epochs=4.0, checkpoint_interval=60, eval_interval=50, log_interval=1)
+    extra = dict(method=method, epochs=4.0, checkpoint_interval=60, eval_interval=30, log_interval=1)
     if method == "hidden_dropout":
         extra["dropout"] = 0.1  # drawn from the global RNG, whose state the checkpoint must carry
     run(args_for(workspace, tmp_path / "whole", **extra))
