@@ -4,7 +4,7 @@ implementation of the same architecture with the same weights, the entropy pass 
 training step, an EntroDrop step against a baseline step, and peak memory at Qwen's vocabulary.
 
     python bench.py                                         # CPU, fp32: demo size and Qwen3-0.6B with 2 layers
-    python bench.py --device cuda --dtype bfloat16 --compile  # GPU: the whole Qwen3-0.6B, seq 4096
+    python bench.py --device cuda --dtype bfloat16 --compile  # GPU: the whole Qwen3-0.6B, 4 x 4096 tokens
 
 Each comparison alternates the two sides after a warm-up and reports medians; a ratio is the
 median of ratios of adjacent pairs, so that a machine that slows down slows both sides of a pair.
@@ -89,6 +89,9 @@ def model_pair(config, device, compile_models):
         theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     ours, theirs = ours.to(device).train(), theirs.to(device).train()
     if compile_models:
+        # Forget the other size's compilation, or dynamo would retrace this one with a symbolic
+        # sequence length; a training run compiles one static shape.
+        torch._dynamo.reset()
         return torch.compile(ours), torch.compile(theirs), ours
     return ours, theirs, ours
 
@@ -96,7 +99,9 @@ def model_pair(config, device, compile_models):
 def train_step(model, hf, inputs, targets, autocast, fill_mask=None):
     """Forward and backward of one batch (the optimizer is the same for both and left out)."""
     with autocast:
-        loss = model(input_ids=inputs, labels=inputs).loss if hf else model(inputs, targets, fill_mask=fill_mask)[1]
+        # use_cache=False: no KV cache is built while training (the exported config.json enables it)
+        loss = model(input_ids=inputs, labels=inputs, use_cache=False).loss if hf else \
+            model(inputs, targets, fill_mask=fill_mask)[1]
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -191,6 +196,7 @@ def main():
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     qwen = replace(MODEL_SIZES["Qwen3-0.6B"], num_hidden_layers=args.layers or (28 if gpu else 2))
     qwen_seq = args.seq_len or (4096 if gpu else 512)
+    qwen_batch = 4 if gpu else 1  # on a GPU, the presets' micro-batch of 4 sequences
     name = torch.cuda.get_device_name(device) if gpu else cpu_name()
     print(f"device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
           f"compile={args.compile}")
@@ -199,7 +205,8 @@ def main():
 
     rows = []
     for label, config, batch, seq_len in (("demo (0.33M, vocab 257)", DEMO, 10, 256),
-                                          (f"Qwen3-0.6B shape, {qwen.num_hidden_layers} layers", qwen, 1, qwen_seq)):
+                                          (f"Qwen3-0.6B shape, {qwen.num_hidden_layers} layers", qwen, qwen_batch,
+                                           qwen_seq)):
         ours, theirs, raw = model_pair(config, device, args.compile)
         window = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
         inputs, targets = window[:, :-1], window[:, 1:]

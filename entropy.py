@@ -149,16 +149,20 @@ def main():
     parser.add_argument("--entropy_cache", default="", help="output path (default: inside target_data)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if gpu else "cpu")
+    if gpu:
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     distributed = "RANK" in os.environ
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if gpu else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 on GPU, fp32 on CPU
-    model = Transformer.from_pretrained(args.init_from, dtype=dtype, device=device).eval()
+    # As train.py builds it: fp32 weights, under bf16 autocast on a GPU, so that both give one cache.
+    model = Transformer.from_pretrained(args.init_from, device=device).eval()
     header = cache_header(args.init_from, args.target_data, args.seq_len)
     path = args.entropy_cache or default_cache_path(args.target_data, header["model"], args.seq_len)
-    build_entropy_cache(model, args.target_data, args.seq_len, path, header, args.batch_size, rank, world_size)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+        build_entropy_cache(model, args.target_data, args.seq_len, path, header, args.batch_size, rank, world_size)
     if rank == 0:
         print(f"wrote {path}")
 

@@ -191,8 +191,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(k, v)
-        # A prompt (T > 1) is causal; one new token attends to everything cached before it.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True,
+        # Training and prompts are causal; one new token attends to everything cached before it.
+        # (`cache is None` first: a plain bool even when torch.compile traces T as a symbol.)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1, enable_gqa=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -238,7 +239,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, N, rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
-            logits = (h @ weight.T).float()                               # (n, vocab)
+            logits = h @ weight.T                                         # (n, vocab)
+            matmul_dtype = logits.dtype                                   # bf16 under autocast
+            logits = logits.float()
             target_logit = logits.gather(1, t[:, None])                   # (n, 1)
             peak = logits.amax(dim=-1, keepdim=True)                      # (n, 1)
             probs = logits.sub_(peak).exp_()                              # in place: softmax times total
@@ -247,7 +250,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if want_grad:
                 dlogits = probs.div_(total)                               # softmax
                 dlogits[torch.arange(len(t), device=t.device), t] -= 1.0  # minus onehot
-                dlogits = dlogits.to(h.dtype)
+                dlogits = dlogits.to(matmul_dtype)  # once here, not by autocast in each matmul below
                 grad_hidden[start:start + rows] = (dlogits @ weight) / N
                 part = (dlogits.T @ (h / N)).float()  # 1/N on the small factor, not on (vocab, d)
                 grad_weight = part if grad_weight is None else grad_weight.add_(part)

@@ -19,6 +19,7 @@ import runpy
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -213,7 +214,8 @@ def save_checkpoint(path, state):
 def peak_flops(device):
     """Dense bf16 peak of known GPUs from their datasheets, for MFU; None elsewhere."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    known = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+    known = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+             ("A100", 312e12))
     return next((flops for key, flops in known if key in name), None)  # first match: "H100" alone is the SXM part
 
 
@@ -223,19 +225,22 @@ def main(argv):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(c, world_size)
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
-    if distributed:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if distributed:
+        # While rank 0 writes a checkpoint (16 bytes a parameter: 10 GB for Qwen3-0.6B, 128 GB for
+        # 8B) the others wait in the next collective; NCCL's default 10 minutes can be too short.
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=60))
     master = rank == 0
     out_dir, ckpt_path = Path(c.out_dir), Path(c.out_dir) / "ckpt.pt"
     bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     # ---- an earlier run in out_dir: reuse it if finished, resume it if asked, never overwrite it
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    # mmap: every rank reads the settings without copying the weights and optimizer state into memory
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True) if ckpt_path.exists() else None
     if checkpoint is not None:
         # Only settings this run reads count: a moved folder or a token dropout knob of a baseline is no change.
         unread = {"resume", "out_dir"} | (set() if c.method in TOKEN_DROPOUT_METHODS else TOKEN_DROPOUT_KEYS)
@@ -329,6 +334,11 @@ def main(argv):
     if distributed:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
+    def to_device(tensor):
+        """To the GPU from page-locked memory without blocking: a copy from ordinary memory would
+        wait for all queued GPU work, leaving the GPU idle while the next micro-batch is prepared."""
+        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
     def log(record):
         nonlocal log_lines
         if master:
@@ -388,13 +398,13 @@ def main(argv):
             group["lr"] = lr
         stats = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, masked tokens, target tokens
         for micro, batch in enumerate(loader.next_batch()):
-            inputs, targets, target_rows = batch.inputs.to(device), batch.targets.to(device), batch.target_rows
+            inputs, targets, target_rows = to_device(batch.inputs), to_device(batch.targets), batch.target_rows
             fill_mask = noise = None
             if dropping:
                 rows = scores[batch.sample_index.clamp(min=0), :c.seq_len]  # (b, seq_len) from the cache
                 rows[~target_rows] = math.nan                               # general rows: never gated
-                fill_mask = token_dropout_mask(rows, target_rows, batch.sample_index, c.seed, step, gamma,
-                                               targeting, c.gate_percentile).to(device)
+                fill_mask = to_device(token_dropout_mask(rows, target_rows, batch.sample_index, c.seed, step, gamma,
+                                                         targeting, c.gate_percentile))
                 stats[1] += fill_mask.sum()
             if c.method == "neftune":
                 lengths = torch.full((len(inputs),), c.seq_len)  # windows are never padded
