@@ -66,7 +66,8 @@ class Config:
     grad_clip: float = 1.0                     # max global gradient norm; 0 = off
     # ---- method (the paper's names)
     method: str = "entrodrop"                  # one of METHODS
-    gamma_max: float = 0.4                     # token dropout: ceiling of gamma_j ~ U(0, gamma_max(j)), Eq. (4)
+    gamma_max: float = 0.4                     # token dropout: ceiling of gamma_j ~ U(0, gamma_max(j)), Eq. (4);
+                                               # the demo's; the paper (and the GPU presets) use 0.1
     gate_percentile: float = 0.5               # entrodrop: share of each row's tokens eligible, Eq. (2)
     targeting: str = "low"                     # entrodrop: "low" (EntroDrop), "high" or "random" (ablations)
     score: str = "entropy"                     # entrodrop: rank tokens by "entropy" or "nll" (confidence)
