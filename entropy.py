@@ -69,19 +69,22 @@ def token_entropies(model, idx, return_nll=False):
     targets = idx[:, 1:].reshape(-1)
     entropy = torch.empty(B * (T - 1), device=idx.device)
     nll = torch.empty(B * (T - 1), device=idx.device)
-    rows = model.head_chunk_rows(len(targets))
+    rows = model.head_chunk_rows(len(targets), buffers=2)
+    # Two (rows, vocab) buffers that every chunk reuses: on a CPU a fresh one costs a page fault per 4 KB.
+    logits_buffer = torch.empty(rows, head.shape[0], dtype=head.dtype, device=idx.device)
+    probs_buffer = torch.empty(rows, head.shape[0], device=idx.device)
     for start in range(0, len(targets), rows):
-        logits = (hidden[start:start + rows] @ head.T).float()              # (n, vocab)
+        h = hidden[start:start + rows]
+        logits = torch.matmul(h, head.T, out=logits_buffer[:len(h)]).float()  # (n, vocab); copied only if bf16
         target_logit = logits.gather(1, targets[start:start + rows, None]).squeeze(1)
         peak = logits.amax(dim=-1, keepdim=True)                              # (n, 1)
-        probs = logits.sub_(peak).exp_()                                      # in place: softmax x total
+        shifted = logits.sub_(peak)                                           # in place: log of softmax x total
+        probs = torch.exp(shifted, out=probs_buffer[:len(h)])                # softmax x total
         total = probs.sum(dim=-1)                                             # (n,)
-        lse = peak.squeeze(1) + total.log()                                   # log-sum-exp
-        # With p = probs / total: H = -sum p log p = log(total) - sum(probs log probs) / total.
-        # xlogy_ works in place (0 log 0 = 0), so the chunk's logits are the only (n, vocab) tensor;
-        # and sum() reduces pairwise, accurate in fp32 where a batched dot product is not.
-        entropy[start:start + rows] = total.log() - probs.xlogy_(probs).sum(dim=-1) / total
-        nll[start:start + rows] = lse - target_logit
+        # With p = probs / total, log p = shifted - log(total): H = log(total) - sum(probs shifted) / total.
+        # Reusing the shifted logits as log p skips a log per vocabulary entry, the costliest step on a CPU.
+        entropy[start:start + rows] = total.log() - probs.mul_(shifted).sum(dim=-1) / total
+        nll[start:start + rows] = peak.squeeze(1) + total.log() - target_logit  # log-sum-exp minus target
     nan_column = torch.full((B, 1), float("nan"), device=idx.device)
     entropy = torch.cat((nan_column, entropy.view(B, T - 1)), dim=1)
     nll = torch.cat((nan_column, nll.view(B, T - 1)), dim=1)

@@ -331,10 +331,11 @@ class Transformer(nn.Module):
         return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets.reshape(-1),
                                               self.head_chunk_rows(len(flat)))
 
-    def head_chunk_rows(self, n_rows):
-        """Rows per chunk when the output head runs over n_rows positions: at most 512 MB of fp32
-        logits at a time, in equal chunks (a short last chunk would run its matmul slowly)."""
-        max_rows = max(1, 2**27 // self.config.vocab_size)
+    def head_chunk_rows(self, n_rows, buffers=1):
+        """Rows per chunk when the output head runs over n_rows positions: at most 512 MB in all for
+        `buffers` fp32 (rows, vocab) tensors at a time, in equal chunks (a short last chunk would run
+        its matmul slowly)."""
+        max_rows = max(1, 2**27 // (buffers * self.config.vocab_size))
         return -(-n_rows // -(-n_rows // max_rows))
 
     @torch.no_grad()

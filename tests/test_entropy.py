@@ -64,15 +64,16 @@ def test_entropy_and_nll_match_transformers(tmp_path):
 
 
 def test_chunked_head_equals_unchunked():
-    # At most 2**27 // 2**19 = 256 predictions per chunk: the 2 x 139 here take two chunks of 139.
+    # Two (rows, vocab) buffers, so at most 2**27 // 2**20 = 128 predictions per chunk: the 2 x 139
+    # here take three chunks of 93, 93 and 92; the middle one straddles the two sequences.
     vocab = 2**19
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                     max_position_embeddings=512)).eval()
     sharpen(model.norm, 40.0)
-    chunk = model.head_chunk_rows(278)
-    assert chunk == 139
+    chunk = model.head_chunk_rows(278, buffers=2)
+    assert chunk == 93
     idx = torch.randint(0, vocab, (2, 140))
     entropy, nll = token_entropies(model, idx, return_nll=True)
     # The reference, one prediction at a time through the same head, at every chunk's first and
