@@ -1,8 +1,8 @@
-"""Byte-level BPE tokenizers for Qwen2 / Qwen2.5 / Qwen3 and Llama 3 checkpoints, run by tiktoken.
+"""Byte-level BPE tokenizers for Qwen2 / Qwen2.5 / Qwen3, Llama 3 and SmolLM2 checkpoints, run by tiktoken.
 
 load_tokenizer(path) reads, from a checkpoint folder or the file itself:
-  - tokenizer.json (Hugging Face byte-level BPE: Qwen2/2.5/3, Llama 3), plus the special tokens
-    of a tokenizer_config.json beside it;
+  - tokenizer.json (Hugging Face byte-level BPE: Qwen2/2.5/3, Llama 3, SmolLM2 and others with
+    GPT-2's pre-tokenizer), plus the special tokens of a tokenizer_config.json beside it;
   - vocab.json + merges.txt (the older Qwen2 layout);
   - tokenizer.model (Llama 3's tiktoken rank file);
 and "byte" names the built-in byte tokenizer of the CPU demo.
@@ -19,6 +19,7 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
+import regex  # tiktoken's own dependency: the same Unicode classes as its patterns
 import tiktoken
 
 QWEN_PATTERN = (
@@ -30,6 +31,11 @@ LLAMA3_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM / StarCoder: a Digits(individual_digits) step, then GPT-2's regex on each piece it leaves.
+# That is not GPT-2's regex with single digits: the Digits step ends a piece before every digit, so
+# a space never joins a digit (" 5" is " ", "5") and a run of spaces before a digit stays whole
+# ("  5" is "  ", "5"; GPT-2 alone gives " ", " 5"). Hence the last lookahead: a digit ends a piece.
+GPT2_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 
 END_OF_TEXT_NAMES = ("<|endoftext|>", "<|end_of_text|>")  # Qwen, Llama 3
 
@@ -99,20 +105,23 @@ def _pre_split_pattern(pre_tokenizer: dict | None, file: str) -> str:
         steps = pre_tokenizer.get("pretokenizers", [])
     else:
         steps = [pre_tokenizer]
-    patterns, byte_level = [], False
+    patterns, byte_level, digits = [], False, False
     for step in steps:
         kind = step.get("type") if step else None
         if (kind == "Split" and "Regex" in step.get("pattern", {})
                 and step.get("behavior") == "Isolated" and not step.get("invert")):
             patterns.append(step["pattern"]["Regex"])
+        elif kind == "Digits" and step.get("individual_digits") and not (patterns or byte_level):
+            digits = True
         elif kind == "ByteLevel" and not step.get("add_prefix_space"):
             byte_level = True
             if step.get("use_regex", True):
-                patterns.append(GPT2_PATTERN)
+                patterns.append(GPT2_DIGITS_PATTERN if digits else GPT2_PATTERN)
         else:
             raise ValueError(f"{file}: pre-tokenizer {step!r} is not supported; expected an isolated "
-                             "Split on a Regex and/or ByteLevel without add_prefix_space")
-    if not byte_level or len(patterns) != 1:
+                             "Split on a Regex and/or ByteLevel without add_prefix_space, or "
+                             "Digits(individual_digits) before ByteLevel")
+    if not byte_level or len(patterns) != 1 or (digits and patterns != [GPT2_DIGITS_PATTERN]):
         raise ValueError(f"{file}: pre-tokenizer {pre_tokenizer!r} is not supported; expected exactly "
                          "one split pattern and a ByteLevel step (a byte-level BPE tokenizer)")
     return patterns[0]
@@ -120,15 +129,20 @@ def _pre_split_pattern(pre_tokenizer: dict | None, file: str) -> str:
 
 class Tokenizer:
     """A tiktoken Encoding plus what a model family needs around it: NFC, the end-of-text id,
-    a fingerprint of the mapping, and the files that recreate it."""
+    a fingerprint of the mapping, and the files that recreate it.
+
+    A vocabulary may lack some single bytes (SmolLM2 has no token for 21 of them, among them the
+    control characters \\x04 and \\x1d). Hugging Face's BPE, with no unknown token, then skips such a
+    byte after pre-tokenization, so the bytes around it can merge ("!\\x04!" is "!!"). tiktoken
+    cannot encode such a byte at all, so text that holds one takes a slower path that does the
+    same as Hugging Face."""
 
     def __init__(self, name: str, pattern: str, ranks: dict[bytes, int], specials_by_id: dict[int, str],
                  nfc: bool, files: dict[str, bytes]):
-        missing_bytes = [byte for byte in range(256) if bytes([byte]) not in ranks]
-        if missing_bytes:
-            raise ValueError(f"{name}: the vocabulary lacks {len(missing_bytes)} single-byte tokens "
-                             f"(first {missing_bytes[:8]}), so it cannot encode every text; "
-                             "expected a byte-level BPE vocabulary")
+        self._missing_bytes = bytes(byte for byte in range(256) if bytes([byte]) not in ranks)
+        if len(self._missing_bytes) > 64:
+            raise ValueError(f"{name}: the vocabulary lacks {len(self._missing_bytes)} of the 256 single-byte "
+                             "tokens; expected a byte-level BPE vocabulary")
         if len(set(ranks.values())) != len(ranks):
             raise ValueError(f"{name}: several vocabulary tokens share an id; each id must name one token")
         special_tokens = {token: id_ for id_, token in specials_by_id.items()}
@@ -143,6 +157,9 @@ class Tokenizer:
         self._files = files
         self._encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
                                            special_tokens=special_tokens)
+        self._pieces = regex.compile(pattern)
+        self._specials = regex.compile("(" + "|".join(map(regex.escape, special_tokens)) + ")")
+        self._special_ids = special_tokens
         self.vocab_size = self._encoding.n_vocab
         definition = {
             "pattern": pattern,
@@ -155,10 +172,27 @@ class Tokenizer:
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
+        if self._missing_bytes:
+            raw = text.encode("utf-8", "replace")
+            if len(raw.translate(None, self._missing_bytes)) != len(raw):
+                return self._encode_skipping_missing_bytes(text, allow_special)
         if allow_special:
             return self._encoding.encode(text, allowed_special="all")
         # Training text that merely mentions "<|endoftext|>" must not end a document.
         return self._encoding.encode_ordinary(text)
+
+    def _encode_skipping_missing_bytes(self, text: str, allow_special: bool) -> list[int]:
+        ids = []
+        # With capturing parentheses, split puts each special token at an odd index.
+        parts = self._specials.split(text) if allow_special else [text]
+        for index, part in enumerate(parts):
+            if index % 2:
+                ids.append(self._special_ids[part])
+                continue
+            for piece in self._pieces.findall(part):
+                kept = piece.encode("utf-8", "replace").translate(None, self._missing_bytes)
+                ids += self._encoding.encode_ordinary(kept.decode()) if kept else []
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._encoding.decode([int(id_) for id_ in ids], errors="replace")
@@ -215,6 +249,9 @@ def _from_tokenizer_json(file: str) -> Tokenizer:
     # A trained vocabulary may list its special tokens in model.vocab too; they stay specials only.
     ranks = {_token_bytes(token, file): id_ for token, id_ in model.get("vocab", {}).items()
              if id_ not in specials_by_id}
+    if model.get("unk_token") is not None and any(bytes([byte]) not in ranks for byte in range(256)):
+        raise ValueError(f"{file}: the vocabulary lacks some single bytes and names an unknown token "
+                         f"({model['unk_token']!r}) for them; only vocabularies that skip such bytes are supported")
     return Tokenizer(file, pattern, ranks, specials_by_id, nfc=normalizer is not None,
                      files={"tokenizer.json": raw, **config_files})
 

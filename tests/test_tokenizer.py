@@ -16,6 +16,7 @@ import tiktoken
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from data.embedded import format_problem, generate_problems, stdlib_documents
 from tokenizer import load_tokenizer
 
 # Written out here rather than imported, so a typo in tokenizer.py cannot hide.
@@ -378,9 +379,82 @@ def test_bad_inputs(trained, tmp_path):
         ("wordpiece", lambda d: d["model"].update(type="WordPiece"), "WordPiece"),
         ("metaspace", lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), "Metaspace"),
         ("no_eos", lambda d: d["added_tokens"][0].update(content="<|pad|>"), re.escape("<|pad|>")),
-        ("no_byte_0", lambda d: d["model"]["vocab"].pop("\u0100"), "single-byte tokens"),
+        ("no_byte_0_but_unk", lambda d: (d["model"]["vocab"].pop("\u0100"), d["model"].update(unk_token="<|im_start|>")),
+         "lacks some single bytes and names an unknown token"),
+        ("digits_after_split", lambda d: d["pre_tokenizer"]["pretokenizers"].append(
+            {"type": "Digits", "individual_digits": True}), "Digits"),
     ]
     for name, edit, offending in cases:
         path = edited_tokenizer_json(folder, tmp_path / name, edit)
         with pytest.raises(ValueError, match=re.escape(path) + ".*" + offending):
             load_tokenizer(path)
+
+
+# ---- GPT-2's pre-tokenizer after Digits (SmolLM2, StarCoder), and vocabularies lacking bytes ----
+
+DIGIT_EDGES = ["12345", " 5", "  5", "x  12", "a 1 b  22 c   333", "\n\n  7\n", "3.14159", "1,000,000", "v2.0",
+               "①②", "٣٤٥", "１２３", "x\t\t9", "  \n 4", "it's 7's", "$12.50", "-3", " -3", "a1b2", "  ",
+               "Total: 45 + 37 = 82\nThe answer is 82."]
+MISSING_BYTE_EDGES = ["a\x04b", "!\x04!", "\x04", " \x04 ", "x\x1dy", " \x1d\x1d 5", "1\x042", "\x06\x06",
+                      "a\x13\x14b", "  \x16  7", "ab\x1d\ncd", "<|im_start|>\x04<|im_end|>"]
+
+
+def digits_then_byte_level() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
+def test_digits_before_byte_level_matches_hugging_face(tmp_path):
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = digits_then_byte_level()
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=SPECIALS, show_progress=False)
+    hf.train_from_iterator(CORPUS * 3 + generated_corpus(), trainer=trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(str(tmp_path))
+    for text in STRINGS + DIGIT_EDGES:
+        assert ours.encode(text) == hf.encode(text).ids, repr(text)
+    # Not GPT-2's regex with single digits: a run of spaces before a digit stays one piece.
+    plain = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    assert plain.encode("x  12").tokens != hf.encode("x  12").tokens
+
+
+def test_vocabulary_lacking_bytes_skips_them_like_hugging_face(trained, tmp_path):
+    """Without an unknown token, Hugging Face drops a byte that has no token once the text is split,
+    and the bytes around it may then merge: tiktoken alone cannot, so tokenizer.py does it by hand."""
+    folder, _ = trained
+    table = gpt2_byte_table()
+
+    def drop_bytes(definition):
+        for byte in (0x04, 0x1D, 0x06):
+            del definition["model"]["vocab"][table[byte]]
+    path = edited_tokenizer_json(folder, tmp_path / "lacking", drop_bytes)
+    hf = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    ours = load_tokenizer(path)
+    assert hf.encode("!\x04!").tokens == ["!!"]  # merged across the skipped byte
+    texts = STRINGS + MISSING_BYTE_EDGES + [text.replace(" ", "\x04 ") for text in STRINGS[:100]] + \
+        [text.replace("e", "\x1d") for text in STRINGS[:100]]
+    for text in texts:
+        assert ours.encode(text, allow_special=True) == hf.encode(text).ids, repr(text)
+    assert ours.encode("a\x04b") == ours.encode("a") + ours.encode("b")
+
+
+def test_smollm2_ids_match_hugging_face(smollm2):
+    """The converted SmolLM2 tokenizer.json carries Hugging Face's own pre-tokenizer for SmolLM2,
+    so HF `tokenizers` on it is the reference; 0 mismatches over problems, library text and edges."""
+    definition = json.loads((smollm2 / "tokenizer.json").read_text())
+    assert definition["normalizer"] is None
+    assert [step["type"] for step in definition["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
+    assert definition["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] is True
+    hf = HFTokenizer.from_file(str(smollm2 / "tokenizer.json"))
+    ours = load_tokenizer(str(smollm2))
+    assert (ours.vocab_size, ours.eos_id) == (49152, 0)
+    texts = ([format_problem(p) for p in generate_problems(300, seed=0)] + [text for _, text in stdlib_documents()]
+             + STRINGS + DIGIT_EDGES + MISSING_BYTE_EDGES + ["<|im_start|>user\nHi<|im_end|>\n<|endoftext|>"])
+    # HF matches special tokens wherever they appear; ours does so only when allowed.
+    mismatches = [text[:80] for text in texts if ours.encode(text, allow_special=True) != hf.encode(text).ids]
+    assert mismatches == []
+    assert ours.encode("  5") == [hf.token_to_id("ĠĠ"), hf.token_to_id("5")]
+    assert ours.decode(ours.encode(texts[0])) == texts[0]
