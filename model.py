@@ -129,8 +129,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, heads, head_dim); cos, sin (T, head_dim). Split-halves rotation (HF's rotate_half)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim): broadcast over heads
+    """x (B, T, heads, head_dim); cos, sin (B or 1, T, 1, head_dim), broadcast over heads.
+    Split-halves rotation (HF's rotate_half)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -180,7 +180,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        """mask (B, 1, T, keys) bool, True where a query may attend: only for left-padded rows."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)     # (B, T, n_head, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, n_kv_head, hd)
@@ -193,8 +194,8 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)
         # Training and prompts are causal; one new token attends to everything cached before it.
         # (`cache is None` first: a plain bool even when torch.compile traces T as a symbol.)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1, enable_gqa=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and (cache is None or T > 1),
+                                           enable_gqa=True, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -218,8 +219,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -300,10 +301,13 @@ class Transformer(nn.Module):
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
-    def body(self, idx, fill_mask=None, embedding_noise=None, caches=None):
+    def body(self, idx, fill_mask=None, embedding_noise=None, caches=None, pad_lengths=None):
         """idx (B, T) -> final-normed hidden states (B, T, d), before the output head.
         fill_mask (B, T) bool: positions whose input embedding becomes fill_embedding (Eq. 1).
-        embedding_noise (B, T, d): added to the input embeddings (NEFTune)."""
+        embedding_noise (B, T, d): added to the input embeddings (NEFTune).
+        pad_lengths (B,) long, for generation from prompts of different lengths: each row begins
+        with that many padding tokens, which nothing attends to, and its positions count from its
+        first real token, so a padded row computes what it would alone."""
         # Tied weights: a sparse gradient adds straight into the head's dense one, instead of a
         # zero-filled (vocab, d) copy plus a full add (a sixth of a CPU step at vocab 151,936).
         x = F.embedding(idx, self.embed_tokens.weight, sparse=self.config.tie_word_embeddings)  # (B, T, d)
@@ -312,12 +316,20 @@ class Transformer(nn.Module):
         if embedding_noise is not None:
             x = x + embedding_noise
         start = caches[0].length if caches else 0
-        positions = torch.arange(start, start + idx.shape[1], device=idx.device, dtype=torch.float)
-        freqs = torch.outer(positions, self.inv_freq)  # (T, head_dim / 2)
-        angles = torch.cat((freqs, freqs), dim=-1)     # (T, head_dim), split-halves layout
+        slots = torch.arange(start, start + idx.shape[1], device=idx.device)  # (T,) places in the row
+        positions, mask = slots[None], None                                    # (1, T)
+        if pad_lengths is not None:
+            positions = (slots[None] - pad_lengths[:, None]).clamp(min=0)     # (B, T)
+            keys = torch.arange(start + idx.shape[1], device=idx.device)      # (keys,)
+            # (B, 1, T, keys): causal, and no query sees padding, except a padding slot itself (a
+            # query that may attend to nothing gives NaN, which would spread through the cache).
+            mask = (keys <= slots[:, None]) & ((keys >= pad_lengths[:, None, None]) | (keys == slots[:, None]))
+            mask = mask[:, None]
+        freqs = positions[..., None].float() * self.inv_freq  # (B or 1, T, head_dim / 2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B or 1, T, 1, head_dim), split halves
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches[i] if caches else None)
+            x = layer(x, cos, sin, caches[i] if caches else None, mask)
         return self.norm(x)
 
     def forward(self, idx, targets=None, fill_mask=None, embedding_noise=None):
@@ -339,13 +351,18 @@ class Transformer(nn.Module):
         return -(-n_rows // -(-n_rows // max_rows))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, eos_id=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, eos_id=None, generator=None, pad_lengths=None,
+                 finished_rows=None):
         """Extend idx (B, T) by up to max_new_tokens, greedily (temperature 0) or by sampling,
-        with a KV cache. Rows that emit eos_id are padded with it; stops when all have.
+        with a KV cache. Prompts of different lengths are left-padded, with pad_lengths (B,)
+        saying by how much (see body). A row ends when it emits eos_id, or when finished_rows,
+        given the (B, t) tokens generated so far, says so (a stop sequence in its text); ended
+        rows are padded with eos_id, and generation stops when all have ended.
         Call model.eval() first so that dropout is off."""
         caches = [KVCache(idx.shape[1] + max_new_tokens) for _ in self.layers]
-        logits = self.lm_head(self.body(idx, caches=caches)[:, -1])  # (B, vocab)
+        logits = self.lm_head(self.body(idx, caches=caches, pad_lengths=pad_lengths)[:, -1])  # (B, vocab)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        prompt_length = idx.shape[1]
         for _ in range(max_new_tokens):
             if temperature == 0.0:
                 next_id = logits.argmax(dim=-1)
@@ -356,9 +373,11 @@ class Transformer(nn.Module):
                 next_id = torch.where(finished, eos_id, next_id)
                 finished |= next_id == eos_id
             idx = torch.cat((idx, next_id[:, None]), dim=1)
+            if finished_rows is not None:
+                finished |= finished_rows(idx[:, prompt_length:]).to(finished.device)
             if finished.all():
                 break
-            logits = self.lm_head(self.body(next_id[:, None], caches=caches)[:, -1])
+            logits = self.lm_head(self.body(next_id[:, None], caches=caches, pad_lengths=pad_lengths)[:, -1])
         return idx
 
     # ---- Hugging Face checkpoints ----------------------------------------------------------

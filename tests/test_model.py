@@ -146,6 +146,27 @@ def test_generation_stops_at_eos_and_pads_finished_rows():
     assert sampled.shape == (2, 17)
 
 
+def test_left_padded_rows_generate_what_each_row_generates_alone():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY, head_dim=32)).eval()
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,)) for n in (3, 11, 7)]
+    width = max(len(p) for p in prompts)
+    pad_lengths = torch.tensor([width - len(p) for p in prompts])
+    idx = torch.stack([torch.cat((torch.zeros(width - len(p), dtype=torch.long), p)) for p in prompts])
+    batched = model.generate(idx, max_new_tokens=15, pad_lengths=pad_lengths)[:, width:]
+    with torch.no_grad():
+        hidden = model.body(idx, pad_lengths=pad_lengths)
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(batched[row], model.generate(prompt[None], max_new_tokens=15)[0, len(prompt):])
+        with torch.no_grad():
+            alone = model.body(prompt[None])[0]
+        assert (hidden[row, pad_lengths[row]:] - alone).abs().max() <= 1e-5
+    # finished_rows ends a row early (a stop sequence, say); ended rows are padded with eos_id
+    stopped = model.generate(idx, max_new_tokens=15, eos_id=0, pad_lengths=pad_lengths,
+                             finished_rows=lambda new: torch.tensor([len(r) >= 4 and i == 1 for i, r in enumerate(new)]))
+    assert torch.equal(stopped[1, width:width + 4], batched[1, :4]) and (stopped[1, width + 4:] == 0).all()
+
+
 def test_fused_loss_matches_cross_entropy_in_chunks():
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
