@@ -16,6 +16,7 @@ import json
 import math
 import os
 import runpy
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.loader import MixtureLoader, load_meta, read_windows
 from dropout import TARGETING_MODES, draw_gamma, neftune_noise, token_dropout_mask
 from entropy import build_entropy_cache, cache_header, default_cache_path, load_entropy_cache, token_entropies
+from evaluate import FORMATS, read_problems, score
 from model import ModelConfig, Transformer
 from schedule import gamma_max_at, learning_rate_at
 from tokenizer import load_tokenizer
@@ -82,8 +84,11 @@ class Config:
     # ---- evaluation, logging, checkpoints
     eval_interval: int = 0                     # evaluate every this many steps (0: only at epoch ends)
     general_eval_windows: int = 64             # general validation windows per evaluation
-    accuracy_problems: str = ""                # JSONL of {question, answer}: greedy-decoding accuracy
+    accuracy_problems: str = ""                # JSONL of problems: greedy-decoding accuracy (evaluate.py)
+    accuracy_format: str = "embedded"          # their format: one of evaluate.FORMATS
     accuracy_samples: int = 0                  # how many of them per evaluation (0 = off)
+    export_every: int = 0                      # also export the model every this many target epochs, and
+                                               # at the end, to out_dir/epochs/<epoch>/ (0 = only best/)
     log_interval: int = 10                     # log a training record every this many steps
     checkpoint_interval: int = 100             # save out_dir/ckpt.pt every this many steps
     # ---- system
@@ -130,7 +135,8 @@ def validate(c: Config, world_size):
     require(c.targeting in TARGETING_MODES[:3], f"targeting={c.targeting!r} must be 'low', 'high' or 'random'")
     for key, allowed in (("score", ("entropy", "nll")), ("curriculum", ("sigmoid", "constant")),
                          ("curriculum_unit", ("epoch", "step")), ("fill", ("mean", "zero")),
-                         ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16"))):
+                         ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
+                         ("accuracy_format", FORMATS)):
         require(getattr(c, key) in allowed, f"{key}={getattr(c, key)!r} must be one of {allowed}")
     require(0.0 < c.target_ratio <= 1.0, f"target_ratio={c.target_ratio} must be in (0, 1]")
     require(0.0 < c.gate_percentile <= 1.0, f"gate_percentile={c.gate_percentile} must be in (0, 1]")
@@ -173,26 +179,17 @@ def evaluate(model, c, val, general_val, groups, problems, tokenizer, rank, worl
                     for j, where in enumerate(groups[start:start + b].to(device).unbind(1), start=1):
                         sums[j] += nll[where].sum()   # where (b, seq_len): the low or high group
                         counts[j] += where.sum()
-        for question, answer in problems[rank::world_size]:
-            prompt = torch.tensor([tokenizer.encode(f"Question: {question}\nAnswer:")], device=device)
-            out = model.generate(prompt, max_new_tokens=256, eos_id=tokenizer.eos_id)[0, prompt.shape[1]:]
-            sums[4] += extract_answer(tokenizer.decode(out.tolist())) == answer
-            counts[4] += 1
+        if problems:  # batched greedy decoding, scored by the rules of evaluate.py
+            records = score(model, tokenizer, problems[rank::world_size], shots=0, max_new_tokens=256,
+                            batch_size=b, progress=False)
+            sums[4] += sum(r["correct"] for r in records)
+            counts[4] += len(records)
     if world_size > 1:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
     model.train()
     names = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss", "accuracy")
     return {name: (sums[j] / counts[j]).item() if counts[j] > 0 else None for j, name in enumerate(names)}
-
-
-def extract_answer(text):
-    """The number after "The answer is" (embedded data) or "####" (GSM8K), else the last number."""
-    import re
-    text = text.split("Question:")[0].replace(",", "")
-    marked = re.findall(r"(?:The answer is|####)\s*\$?(-?\d+(?:\.\d+)?)", text)
-    numbers = marked or re.findall(r"-?\d+(?:\.\d+)?", text)
-    return float(numbers[-1]) if numbers else None
 
 
 def entropy_groups(val_nll):
@@ -210,6 +207,20 @@ def save_checkpoint(path, state):
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-save leaves the previous checkpoint intact
+
+
+def export(model, tokenizer, folder):
+    """The model and its tokenizer as a Hugging Face folder, for lm-eval, OpenCompass, vLLM and
+    evaluate.py. Written whole under a temporary name, then swapped in: a crash leaves the earlier
+    export or the new one, never a mixture (the earlier one is moved aside and deleted last)."""
+    folder = Path(folder)
+    fresh, stale = (folder.with_name(f".{folder.name}.{kind}.{os.getpid()}") for kind in ("new", "old"))
+    model.save_pretrained(fresh)
+    tokenizer.save(str(fresh))
+    if folder.exists():
+        os.replace(folder, stale)
+    os.replace(fresh, folder)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def peak_flops(device):
@@ -281,11 +292,7 @@ def main(argv):
     if len(val) == 0:
         raise ValueError(f"{c.target_data}/val.bin is shorter than one window of {c.seq_len + 1} tokens")
     general_val = torch.from_numpy(read_windows(c.general_data, "val", c.seq_len)[:c.general_eval_windows])
-    problems = []
-    if c.accuracy_samples:
-        with open(c.accuracy_problems) as f:
-            records = [json.loads(line) for line in f if line.strip()][:c.accuracy_samples]
-        problems = [(r["question"], extract_answer(str(r["answer"]))) for r in records]
+    problems = read_problems(c.accuracy_problems, c.accuracy_format)[:c.accuracy_samples] if c.accuracy_samples else []
 
     # ---- the base model's entropies: computed once (all ranks), before any training
     scores, groups = None, None  # a model from scratch has no base model to measure entropy with
@@ -367,8 +374,10 @@ def main(argv):
             if results["val_loss"] < best["val_loss"]:
                 best = {"val_loss": results["val_loss"], "epoch": epoch, "step": step}
                 if master:  # the best model so far, ready for lm-eval / OpenCompass / vLLM
-                    raw_model.save_pretrained(out_dir / "best")
-                    tokenizer.save(out_dir / "best")
+                    export(raw_model, tokenizer, out_dir / "best")
+            if master and c.export_every and (step == max_steps or (epoch_end and math.floor(epoch) % c.export_every == 0)):
+                # Named by whole target epochs; a run stopped by max_steps mid-epoch ends with e.g. 3.40.
+                export(raw_model, tokenizer, out_dir / "epochs" / (str(math.floor(epoch)) if epoch_end else f"{epoch:.2f}"))
             log({"kind": "eval", "step": step, "epoch": epoch, **results,
                  "best_val_loss": best["val_loss"], "best_epoch": best["epoch"]})
             if master:

@@ -217,26 +217,35 @@ def test_finished_run_is_reused_when_moved_or_when_an_unread_knob_changes(worksp
         train.main(args_for(workspace, tmp_path / "drop", method="entrodrop", max_steps=2, curriculum_midpoint=7))
 
 
-def test_extract_answer():
-    assert train.extract_answer(" He has 3 + 4 = 7 left.\nThe answer is 1,250.") == 1250
-    assert train.extract_answer("48 / 2 = 24 clips in May.\n#### 72") == 72
-    assert train.extract_answer(" 5 + 6 = 11 apples. So 11.\nQuestion: Tom has 4") == 11  # the next problem is cut
-    assert train.extract_answer(" no number here") is None
-
-
-def test_accuracy_counts_correct_greedy_answers(workspace, monkeypatch):
-    """evaluate() decodes each problem greedily and compares the extracted number with the answer."""
+def test_accuracy_counts_correct_greedy_answers(workspace, monkeypatch, tmp_path):
+    """evaluate() decodes the problems in batches and scores them by evaluate.py's rules."""
     tokenizer = load_tokenizer("byte")
     model = Transformer.from_pretrained(workspace / "base")
-    replies = {"Question: one\nAnswer:": " 2 + 5 = 7.\nThe answer is 7.", "Question: two\nAnswer:": " The answer is 8."}
+    replies = {"Question: one\nAnswer:": " 2 + 5 = 7.\nThe answer is 7.", "Question: two\nAnswer:": " The answer is 8.",
+               "Question: three\nAnswer:": " 1,250 in all.\nQuestion: next"}
 
-    def generate(idx, max_new_tokens, eos_id=None, **_):
-        reply = replies[tokenizer.decode(idx[0].tolist())]
-        return torch.cat((idx, torch.tensor([tokenizer.encode(reply) + [eos_id]])), dim=1)
+    def generate(idx, max_new_tokens, eos_id=None, pad_lengths=None, **_):  # left-padded rows
+        rows = [tokenizer.encode(replies[tokenizer.decode(row[pad:])]) for row, pad in zip(idx.tolist(), pad_lengths)]
+        width = max(map(len, rows))
+        return torch.cat((idx, torch.tensor([row + [eos_id] * (width - len(row)) for row in rows])), dim=1)
 
     monkeypatch.setattr(model, "generate", generate)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                for q, a in (("one", 7), ("two", 9), ("three", "1250"))))
     config = train.Config(micro_batch_size=2)
     val = torch.randint(0, 256, (2, 33))
-    results = train.evaluate(model, config, val, val[:1], None, [("one", 7.0), ("two", 9.0)], tokenizer, 0, 1,
-                             torch.autocast("cpu", enabled=False))
-    assert results["accuracy"] == 0.5 and results["val_loss_low"] is None and results["val_loss"] > 0
+    results = train.evaluate(model, config, val, val[:1], None, train.read_problems(problems, "embedded"), tokenizer,
+                             0, 1, torch.autocast("cpu", enabled=False))
+    assert results["accuracy"] == 2 / 3 and results["val_loss_low"] is None and results["val_loss"] > 0
+
+
+def test_exports_every_few_epochs_and_at_the_end(workspace, tmp_path):
+    out = tmp_path / "run"
+    run(args_for(workspace, out, method="baseline", epochs=3.0, export_every=2))
+    assert sorted(p.name for p in (out / "epochs").iterdir()) == ["2", "3"]
+    final = Transformer.from_pretrained(out / "epochs" / "3")
+    state = final_state(out)["model"]
+    assert all(torch.equal(p, state[n]) for n, p in final.named_parameters())  # the weights training ended with
+    assert load_tokenizer(str(out / "epochs" / "2")).fingerprint == load_tokenizer("byte").fingerprint
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left

@@ -1,0 +1,289 @@
+"""
+Answer accuracy by greedy decoding, the paper's main metric, for saved checkpoints.
+
+    python evaluate.py out/real/entrodrop --data out/real/data/math/test.jsonl --format embedded
+    python evaluate.py checkpoints/SmolLM2-135M-Instruct --data gsm8k_test.jsonl --format gsm8k --shots 8
+    torchrun --nproc_per_node=8 evaluate.py out/q06/entrodrop --data gsm8k_test.jsonl --format gsm8k
+
+PATH is a Hugging Face folder with tokenizer files, or a run folder of train.py, whose exports
+(best/ and epochs/<epoch>/) are each scored. Beside each checkpoint goes scores.json: the
+accuracy with a 95% Wilson interval and, for every problem, the exact prompt, the generation,
+the extracted and the reference answer, so that any prompt can be re-run elsewhere. It is
+rewritten after every batch, and a rerun continues where it stopped.
+
+Formats (one JSON object per line):
+    embedded  question, answer (a number)            the problems of data/embedded.py
+    gsm8k     question, answer ending "#### N"       GSM8K
+Prompts are "Question: ...\\nAnswer:", after --shots worked examples (the 8 chain-of-thought
+exemplars that are usual for GSM8K, written out below). Decoding is greedy and stops at the
+next "Question:" or an end token.
+
+Answers are compared as numbers after the usual normalization: the number after "The answer
+is" or "####", else the last number of the generation; commas, "$" and trailing units or
+periods dropped; "3.50" equals "3.5".
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+FORMATS = ("embedded", "gsm8k")
+STOP_STRINGS = ("\nQuestion:", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>")
+
+# The eight worked examples that chain-of-thought prompting for GSM8K usually takes (Wei et al., 2022).
+EXEMPLARS = [
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are "
+     "done, there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must "
+     "have been 21 - 15 = 6. The answer is 6."),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After "
+     "eating 35, they had 74 - 35 = 39. The answer is 39."),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops "
+     "did Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny "
+     "20 - 12 = 8. The answer is 8."),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he "
+     "have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. "
+     "5 + 4 = 9. The answer is 9."),
+    ("There were nine computers in the server room. Five more computers were installed each day, from "
+     "monday to thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
+     "computers were added. 9 + 20 is 29. The answer is 29."),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many "
+     "golf balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 "
+     "more, he had 35 - 2 = 33 golf balls. The answer is 33."),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 "
+     "dollars left. 23 - 15 is 8. The answer is 8."),
+]
+
+
+# ---- problems, prompts and answers ----------------------------------------------------------
+
+def read_problems(path, fmt) -> list[dict]:
+    """[{"question", "reference"}] from a JSONL file of the given format; errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path} does not exist")
+    problems = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number} is not valid JSON ({e.msg}); fix or drop that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str) or "answer" not in record:
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}, line {number}: format {fmt!r} needs a string 'question' and an 'answer' "
+                             f"(found {found})")
+        answer = str(record["answer"])
+        if fmt == "gsm8k":
+            if "####" not in answer:
+                raise ValueError(f"{path}, line {number}: a GSM8K answer ends with '#### N', and this one does not")
+            answer = answer.rsplit("####", 1)[1]
+        reference = normalize_number(answer)
+        if reference is None:
+            raise ValueError(f"{path}, line {number}: the answer {record['answer']!r} is not a number")
+        problems.append({"question": record["question"], "reference": reference})
+    if not problems:
+        raise ValueError(f"--data {path} holds no problems")
+    return problems
+
+
+def build_prompt(question, shots) -> str:
+    examples = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in EXEMPLARS[:shots])
+    return f"{examples}Question: {question}\nAnswer:"
+
+
+def normalize_number(text) -> str | None:
+    """The first number in text, canonical: "1,250.50" -> "1250.5", "$7." -> "7"; None if there is none."""
+    match = re.search(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)", text)
+    if match is None:
+        return None
+    return format(Decimal(match.group().replace(",", "")).normalize(), "f")
+
+
+def extract_answer(generation) -> str | None:
+    """The number after the last "The answer is" or "####", else the generation's last number."""
+    marked = re.findall(r"(?:[Tt]he answer is|####)\s*:?\s*\$?\s*(-?[\d,]*\.?\d+)", generation)
+    if marked:
+        return normalize_number(marked[-1])
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", generation)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def cut_at_stop(text) -> str:
+    """The generation up to the first stop string."""
+    ends = [text.find(stop) for stop in STOP_STRINGS if stop in text]
+    return text[:min(ends)] if ends else text
+
+
+def wilson_interval(correct, n, z=1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: honest at 0 or n successes, unlike p +- z sqrt(p(1-p)/n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ---- batched greedy decoding ---------------------------------------------------------------
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True) -> list[str]:
+    """Greedy continuations of prompts, batch_size at a time, each cut at its first stop string.
+    Prompts are sorted by length, so a batch pads little, and left-padded within it."""
+    device = next(model.parameters()).device
+    encoded = [tokenizer.encode(prompt) for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    answers = [""] * len(prompts)
+
+    def finished_rows(new_ids):  # (b, t): rows whose text so far holds a stop string
+        return torch.tensor([cut_at_stop(tokenizer.decode(row)) != tokenizer.decode(row) for row in new_ids.tolist()])
+
+    with tqdm(total=len(prompts), desc="generating", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            pad = torch.tensor([width - len(encoded[i]) for i in rows], device=device)
+            idx = torch.tensor([[tokenizer.eos_id] * (width - len(encoded[i])) + encoded[i] for i in rows],
+                               device=device)
+            out = model.generate(idx, max_new_tokens, eos_id=tokenizer.eos_id, pad_lengths=pad,
+                                 finished_rows=finished_rows)
+            for i, row in zip(rows, out[:, width:].tolist()):
+                answers[i] = cut_at_stop(tokenizer.decode(row))
+            bar.update(len(rows))
+    return answers
+
+
+def score(model, tokenizer, problems, shots, max_new_tokens, batch_size, progress=True) -> list[dict]:
+    """One record per problem: prompt, generation, extracted and reference answers, correct."""
+    prompts = [build_prompt(p["question"], shots) for p in problems]
+    generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    records = []
+    for problem, prompt, generation in zip(problems, prompts, generations):
+        extracted = extract_answer(generation)
+        records.append({"prompt": prompt, "generation": generation, "extracted": extracted,
+                        "reference": problem["reference"], "correct": extracted == problem["reference"]})
+    return records
+
+
+# ---- checkpoints and scores.json ------------------------------------------------------------
+
+def checkpoints_under(path) -> list[Path]:
+    """A HF folder itself, or a run folder's exports: best/, then epochs/<epoch>/ in epoch order."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return [path]
+    epochs = sorted((p for p in (path / "epochs").glob("*") if (p / "config.json").is_file()),
+                    key=lambda p: float(p.name))
+    found = ([path / "best"] if (path / "best" / "config.json").is_file() else []) + epochs
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (config.json) nor a run folder "
+                                "with best/ or epochs/<epoch>/ exports")
+    return found
+
+
+def write_json(path, obj):
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_checkpoint(folder, problems, settings, batch_size, rank=0, world_size=1) -> dict:
+    """Score one checkpoint, continuing from its scores.json when that has the same settings and
+    was computed from the same weights (best/ is rewritten while a run trains)."""
+    from entropy import checkpoint_fingerprint
+    from model import Transformer
+    from tokenizer import load_tokenizer
+    settings = {**settings, "checkpoint": checkpoint_fingerprint(folder)}
+    path = folder / "scores.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    done = earlier.get("problems", []) if earlier.get("settings") == settings else []
+    if len(done) < len(problems):
+        tokenizer = load_tokenizer(str(folder))
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        model = Transformer.from_pretrained(folder, device=device).eval()
+        chunk = 4 * batch_size * world_size  # scores.json is rewritten after each chunk
+        for start in range(len(done), len(problems), chunk):
+            part = problems[start:start + chunk]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                mine = score(model, tokenizer, part[rank::world_size], settings["shots"],
+                             settings["max_new_tokens"], batch_size, progress=rank == 0)
+            if world_size > 1:  # problem j of the chunk was scored by rank j % world_size
+                gathered = [None] * world_size
+                dist.all_gather_object(gathered, mine)
+                mine = [gathered[j % world_size][j // world_size] for j in range(len(part))]
+            done += mine
+            if rank == 0:
+                write_json(path, summary(done, settings, partial=len(done) < len(problems)))
+    result = summary(done, settings, partial=False)
+    if rank == 0:
+        write_json(path, result)
+    return result
+
+
+def summary(records, settings, partial) -> dict:
+    correct = sum(r["correct"] for r in records)
+    low, high = wilson_interval(correct, len(records))
+    return {"settings": settings, "partial": partial, "n": len(records), "correct": correct,
+            "accuracy": correct / max(1, len(records)), "interval95": [low, high], "problems": records}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="a Hugging Face checkpoint folder, or a run folder of train.py")
+    parser.add_argument("--data", required=True, help="a JSONL file of problems")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--shots", type=int, default=0, help=f"worked examples before each question (0-{len(EXEMPLARS)})")
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N problems (0: all)")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
+    args = parser.parse_args(argv)
+    if not 0 <= args.shots <= len(EXEMPLARS):
+        parser.error(f"--shots={args.shots} must be between 0 and {len(EXEMPLARS)}")
+    for name in ("limit", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < (0 if name == "limit" else 1):
+            parser.error(f"--{name}={getattr(args, name)} must be {'>= 0' if name == 'limit' else '>= 1'}")
+    problems = read_problems(args.data, args.format)[:args.limit or None]
+    folders = checkpoints_under(args.path)
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
+    settings = {"data_sha256": digest, "format": args.format, "shots": args.shots, "limit": args.limit,
+                "max_new_tokens": args.max_new_tokens}
+    for folder in folders:
+        result = evaluate_checkpoint(folder, problems, settings, args.batch_size, rank, world_size)
+        if rank == 0:
+            low, high = result["interval95"]
+            print(f"{folder}: accuracy {result['accuracy']:.1%} ({result['correct']}/{result['n']}, "
+                  f"95% interval {low:.1%}-{high:.1%})")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,149 @@
+"""evaluate.py: batched greedy decoding against transformers' generate, the answer rules on real
+answer strings, scores.json, resuming, and errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import evaluate
+from data.embedded import generate_problems
+from model import Transformer
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def transformers_answers(folder, tokenizer, prompts, max_new_tokens):
+    """Greedy continuations from transformers' generate, one prompt at a time (no padding at all)."""
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    answers = []
+    for prompt in prompts:
+        idx = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = reference.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens,
+                                     do_sample=False, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id)
+        answers.append(evaluate.cut_at_stop(tokenizer.decode(out[0, idx.shape[1]:].tolist())))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_qwen3")
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 max_position_embeddings=512)).save_pretrained(folder)
+    load_tokenizer("byte").save(str(folder))
+    return folder
+
+
+def test_batched_greedy_answers_equal_transformers_generate(smollm2, tiny_qwen3):
+    questions = [p.question for p in generate_problems(5, seed=11)]
+    for folder, shots, max_new_tokens in ((smollm2, 1, 40), (tiny_qwen3, 0, 24)):
+        tokenizer = load_tokenizer(str(folder))
+        prompts = [evaluate.build_prompt(q, shots) for q in questions]
+        model = Transformer.from_pretrained(folder).eval()
+        ours = evaluate.generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=5, progress=False)
+        assert len({len(tokenizer.encode(p)) for p in prompts}) > 1  # the batch really is padded
+        assert ours == transformers_answers(folder, tokenizer, prompts, max_new_tokens), folder.name
+
+
+def test_answer_rules_on_real_answer_strings():
+    extract = evaluate.extract_answer
+    # GSM8K's own solutions (train set, first lines) and the shapes models write.
+    assert extract("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 "
+                   "clips altogether in April and May.\n#### 72") == "72"
+    assert extract("Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n#### 10") == "10"
+    assert extract(" 3 + 4 = 7 apples.\nThe answer is 1,250.") == "1250"
+    assert extract(" The answer is: $18.00.") == "18"
+    assert extract(" She has 5 - 8 = -3 left") == "-3"
+    assert extract(" 2 * 3.50 = 7.0 dollars") == "7"
+    assert extract(" no number here") is None
+    assert [evaluate.normalize_number(t) for t in ("$1,234.50", "0.50", ".5", "007", "12 apples", "none")] == \
+        ["1234.5", "0.5", "0.5", "7", "12", None]
+    assert evaluate.cut_at_stop(" 7.\nThe answer is 7.\nQuestion: next one") == " 7.\nThe answer is 7."
+    assert evaluate.cut_at_stop(" 8<|im_end|>\n<|im_start|>") == " 8"
+
+
+def test_wilson_interval():
+    low, high = evaluate.wilson_interval(5, 10)
+    assert abs(low - 0.2366) < 1e-4 and abs(high - 0.7634) < 1e-4
+    low, high = evaluate.wilson_interval(0, 10)
+    assert low == 0.0 and abs(high - 0.2775) < 1e-4
+
+
+def test_prompts_with_shots():
+    prompt = evaluate.build_prompt("What is 2 + 2?", 2)
+    assert prompt.startswith("Question: There are 15 trees") and prompt.endswith("Question: What is 2 + 2?\nAnswer:")
+    assert prompt.count("The answer is") == 2 and prompt.count("Question:") == 3
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_bad_problem_files(tmp_path):
+    cases = [("not json", "{\"question\": ", "line 1 is not valid JSON", "embedded"),
+             ("missing", json.dumps({"problem": "x", "answer": 1}), "line 1: format 'embedded' needs a string "
+              "'question' and an 'answer' \\(found \\['answer', 'problem'\\]\\)", "embedded"),
+             ("no hashes", json.dumps({"question": "x", "answer": "it is 4"}), "line 1: a GSM8K answer ends with", "gsm8k"),
+             ("not a number", json.dumps({"question": "x", "answer": "four"}), "line 1: the answer 'four' is not a number",
+              "embedded")]
+    for name, line, match, fmt in cases:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(line + "\n")
+        with pytest.raises(ValueError, match=match):
+            evaluate.read_problems(path, fmt)
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl does not exist"):
+        evaluate.read_problems(tmp_path / "nowhere.jsonl", "embedded")
+
+
+def test_scores_json_holds_every_problem_and_a_crash_keeps_what_was_scored(tiny_qwen3, tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    for item in tiny_qwen3.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    data = write_jsonl(tmp_path / "test.jsonl", [{"question": p.question, "answer": p.answer}
+                                                  for p in generate_problems(10, seed=5)])
+    args = [str(folder), "--data", str(data), "--format", "embedded", "--max_new_tokens", "8", "--batch_size", "2"]
+    real_score, calls = evaluate.score, []
+
+    def crash_on_second_chunk(model, tokenizer, problems, *rest, **kw):
+        calls.append(len(problems))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_score(model, tokenizer, problems, *rest, **kw)
+
+    monkeypatch.setattr(evaluate, "score", crash_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(args)
+    partial = json.loads((folder / "scores.json").read_text())
+    assert partial["partial"] and partial["n"] == 8  # the first chunk of 4 x batch_size
+    monkeypatch.setattr(evaluate, "score", real_score)
+    evaluate.main(args)
+    scores = json.loads((folder / "scores.json").read_text())
+    assert not scores["partial"] and scores["n"] == 10 and scores["problems"][:8] == partial["problems"]
+    record = scores["problems"][0]
+    assert set(record) == {"prompt", "generation", "extracted", "reference", "correct"}
+    assert record["prompt"].endswith("\nAnswer:") and record["reference"] == str(generate_problems(1, seed=5)[0].answer)
+    assert scores["accuracy"] == sum(r["correct"] for r in scores["problems"]) / 10
+
+
+def test_checkpoint_without_tokenizer_files_and_the_command_line(tiny_qwen3, tmp_path):
+    folder = tmp_path / "no_tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny_qwen3 / name).read_bytes())
+    data = write_jsonl(tmp_path / "test.jsonl", [{"question": "2 + 2?", "answer": 4}])
+    result = subprocess.run([sys.executable, "evaluate.py", str(folder), "--data", str(data), "--format", "embedded"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().startswith(f"error: {folder} holds no tokenizer")
+    result = subprocess.run([sys.executable, "evaluate.py", str(tmp_path), "--data", str(data), "--format", "embedded"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert "is neither a checkpoint folder" in result.stderr
