@@ -1,6 +1,6 @@
 """
-Schedules over training progress: the curriculum for the masking ceiling (Eq. 4), and the
-learning rate (linear warmup, then cosine decay to a floor).
+Schedules over training progress: the curriculum for the masking ceiling (Eq. 4), where its
+midpoint comes from (Sec. 3.3), and the learning rate (linear warmup, then cosine decay to a floor).
 """
 
 import math
@@ -20,6 +20,17 @@ def gamma_max_at(step, gamma_max, sharpness, midpoint, curriculum="sigmoid"):
     if exponent > 700.0:  # exp would overflow a float; the ceiling is 0 to double precision
         return 0.0
     return gamma_max / (1.0 + math.exp(exponent))
+
+
+def turning_epoch(epochs, losses, window=3):
+    """Sec. 3.3's j0, read off a baseline run: the epoch at which its target validation loss,
+    averaged over a centred window of `window` evaluations, is lowest. Evaluations scatter by
+    about 0.01 nats from one to the next, so a single lucky one must not decide; a centred window
+    leaves the minimum of a symmetric dip where it is. A curve that never turns gives its last epoch."""
+    half = window // 2
+    smoothed = [sum(losses[max(0, i - half):i + half + 1]) / len(losses[max(0, i - half):i + half + 1])
+                for i in range(len(losses))]
+    return float(epochs[min(range(len(smoothed)), key=smoothed.__getitem__)])
 
 
 def learning_rate_at(step, learning_rate, min_lr, warmup_steps, max_steps):

@@ -19,6 +19,7 @@ import runpy
 import shutil
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from datetime import timedelta
 from dataclasses import asdict, dataclass, field, fields
@@ -33,7 +34,7 @@ from dropout import TARGETING_MODES, draw_gamma, neftune_noise, token_dropout_ma
 from entropy import build_entropy_cache, cache_header, default_cache_path, load_entropy_cache, token_entropies
 from evaluate import FORMATS, read_problems, score
 from model import ModelConfig, Transformer
-from schedule import gamma_max_at, learning_rate_at
+from schedule import gamma_max_at, learning_rate_at, turning_epoch
 from tokenizer import load_tokenizer
 
 METHODS = ("baseline", "weight_decay", "hidden_dropout", "neftune", "token_dropout", "entrodrop")
@@ -75,8 +76,9 @@ class Config:
     score: str = "entropy"                     # entrodrop: rank tokens by "entropy" or "nll" (confidence)
     curriculum: str = "sigmoid"                # token dropout: "sigmoid" (Eq. 4) or "constant" (fixed ratio)
     curriculum_sharpness: float = 1.0          # k of Eq. (4), per curriculum_unit
-    curriculum_midpoint: float = 9.0           # j0 of Eq. (4), in curriculum_unit: where the baseline's
-                                               # target val loss bottoms (Sec. 3.3); epoch 9 in the demo
+    curriculum_midpoint: float | str = 9.0     # j0 of Eq. (4), in curriculum_unit: where the baseline's
+                                               # target val loss bottoms (Sec. 3.3); epoch 9 in the demo.
+                                               # "auto:<folder>": read it off the baseline run(s) there
     curriculum_unit: str = "epoch"             # "epoch" (target epochs) or "step" (optimizer steps)
     fill: str = "mean"                         # token dropout: "mean" embedding (Eq. 1) or "zero" (A.3)
     neftune_alpha: float = 5.0                 # neftune: noise scale alpha / sqrt(L * d)
@@ -119,10 +121,13 @@ def parse_config(argv) -> Config:
     for key, value in values.items():
         if key not in types:
             raise ValueError(f"unknown config key {key!r}; the keys are the fields of Config in train.py")
-        expected = (int, float) if types[key] is float else types[key]  # 1 is a fine float
-        if not isinstance(value, expected) or (isinstance(value, bool) and types[key] is not bool):
-            raise ValueError(f"config key {key!r} must be a {types[key].__name__}, got {value!r}")
-        setattr(config, key, float(value) if types[key] is float else value)
+        allowed = typing.get_args(types[key]) or (types[key],)  # float | str -> (float, str)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # 1 is a fine float
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join(t.__name__ for t in allowed)
+            raise ValueError(f"config key {key!r} must be a {names}, got {value!r}")
+        setattr(config, key, value)
     return config
 
 
@@ -157,8 +162,29 @@ def validate(c: Config, world_size):
         require(getattr(c, key) == default or owner_ok,
                 f"{key}={getattr(c, key)!r} is an option of token dropout methods, not of method={c.method}")
     require(c.score == "entropy" or c.targeting != "random", "score='nll' has no effect with targeting='random'")
+    require(not isinstance(c.curriculum_midpoint, str) or
+            (c.curriculum_midpoint.startswith("auto:") and c.curriculum_unit == "epoch"),
+            f"curriculum_midpoint={c.curriculum_midpoint!r} must be a number, or 'auto:<baseline out_dir>' "
+            "with curriculum_unit='epoch'")
     require(c.init_from != "scratch" or c.method in ("baseline", "weight_decay", "hidden_dropout"),
             f"method={c.method} perturbs inputs relative to a base model: init_from must be a checkpoint folder")
+
+
+def curriculum_midpoint(c) -> float:
+    """j0 of Eq. (4): the number given, or for "auto:<folder>" the turning epoch (schedule.py) of
+    every baseline run whose log.jsonl lies under that folder, averaged over them (seeds)."""
+    if not isinstance(c.curriculum_midpoint, str):
+        return c.curriculum_midpoint
+    folder = Path(c.curriculum_midpoint.removeprefix("auto:"))
+    turns = []
+    for log in sorted(folder.rglob("log.jsonl")):
+        evals = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "eval"]
+        if evals:
+            turns.append(turning_epoch([r["epoch"] for r in evals], [r["val_loss"] for r in evals]))
+    if not turns:
+        raise FileNotFoundError(f"curriculum_midpoint={c.curriculum_midpoint!r}: {folder} holds no log.jsonl with "
+                                "evaluations; train the baseline there first")
+    return sum(turns) / len(turns)
 
 
 def evaluate(model, c, val, general_val, groups, problems, tokenizer, rank, world_size, autocast):
@@ -269,6 +295,10 @@ def main(argv):
                              "or choose another out_dir")
     if master:
         print("config:", json.dumps(asdict(c)))
+    # j0, read once: a resumed run keeps the midpoint it started with, whatever its baseline folder holds now.
+    midpoint = None
+    if c.method in TOKEN_DROPOUT_METHODS:
+        midpoint = checkpoint["midpoint"] if checkpoint is not None and "midpoint" in checkpoint else curriculum_midpoint(c)
 
     # ---- model, tokenizer, data
     torch.manual_seed(c.seed)
@@ -357,6 +387,10 @@ def main(argv):
 
     if checkpoint is None:
         log({"kind": "config", **asdict(c)})
+        if isinstance(c.curriculum_midpoint, str) and midpoint is not None:
+            log({"kind": "curriculum", "midpoint": midpoint})
+            if master:
+                print(f"curriculum midpoint j0 = epoch {midpoint:.2f}, from {c.curriculum_midpoint}")
 
     # ---- the loop
     accumulation = c.global_batch_size // (c.micro_batch_size * world_size)
@@ -395,14 +429,15 @@ def main(argv):
             if master:
                 save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                             "loader": loader.state_dict(), "rng": all_rng, "best": best,
-                                            "config": asdict(c), "log_lines": log_lines, "finished": step == max_steps})
+                                            "config": asdict(c), "log_lines": log_lines, "finished": step == max_steps,
+                                            "midpoint": midpoint})
         if step == max_steps:
             break
 
         # one optimizer step: gamma_j once per step (Sec. 3.1), masks keyed by each row's window
         step_start = time.time()
         j = epoch if c.curriculum_unit == "epoch" else step
-        ceiling = gamma_max_at(j, c.gamma_max, c.curriculum_sharpness, c.curriculum_midpoint, c.curriculum) if dropping else 0.0
+        ceiling = gamma_max_at(j, c.gamma_max, c.curriculum_sharpness, midpoint, c.curriculum) if dropping else 0.0
         gamma = draw_gamma(c.seed, step, ceiling)
         lr = learning_rate_at(step, c.learning_rate, c.min_lr, c.warmup_steps, max_steps)
         for group in optimizer.param_groups:

@@ -1208,8 +1208,10 @@ def stdlib_documents() -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------
 
 
-def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, n_pool: int) -> None:
-    """Tokenize everything the CPU demo needs (with the built-in byte tokenizer) into out/:
+def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, n_pool: int,
+                    tokenizer_path: str = "byte") -> None:
+    """Tokenize everything the CPU demo needs (with the built-in byte tokenizer, or a real model's)
+    into out/:
 
     math/          the scarce target set (train) and its held-out validation problems (val),
                    plus test.jsonl: held-out questions with answers, for accuracy
@@ -1226,14 +1228,15 @@ def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, 
     from data.loader import DatasetWriter
     from tokenizer import load_tokenizer
 
+    tokenizer = load_tokenizer(tokenizer_path)
     settings = {"generator": "data/embedded.py", "seed": seed, "n_train": n_train, "n_val": n_val,
-                "n_test": n_test, "n_pool": n_pool, "python": sys.version.split()[0]}
+                "n_test": n_test, "n_pool": n_pool, "python": sys.version.split()[0],
+                "tokenizer": tokenizer.fingerprint}
     folders = {name: Path(out) / name for name in ("math", "math_pool", "general_base", "general")}
     if all((f / "meta.json").exists() and json.loads((f / "meta.json").read_text())["source"] == settings
            for f in folders.values()) and (folders["math"] / "test.jsonl").exists():
         print(f"{out}: the demo data for these settings already exists; reusing it")
         return
-    tokenizer = load_tokenizer("byte")
     splits = make_splits(seed, n_train, n_val, n_test, n_pool)
     pool_val = max(1, n_pool // 20)
     documents = {
@@ -1270,5 +1273,6 @@ if __name__ == "__main__":
     parser.add_argument("--n_val", type=int, default=100, help="held-out problems for validation loss")
     parser.add_argument("--n_test", type=int, default=200, help="held-out problems for accuracy")
     parser.add_argument("--n_pool", type=int, default=4000, help="problems for pre-training the base model")
+    parser.add_argument("--tokenizer", default="byte", help="'byte', or a checkpoint folder whose tokenizer to use")
     args = parser.parse_args()
-    write_demo_data(args.out, args.seed, args.n_train, args.n_val, args.n_test, args.n_pool)
+    write_demo_data(args.out, args.seed, args.n_train, args.n_val, args.n_test, args.n_pool, args.tokenizer)

@@ -7,6 +7,7 @@ import json
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from safetensors import safe_open
 
 from dropout import draw_gamma, gate, neftune_noise, token_dropout_mask
 from model import ModelConfig, Transformer
-from schedule import gamma_max_at, learning_rate_at
+from schedule import gamma_max_at, learning_rate_at, turning_epoch
 
 NAN = float("nan")
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -396,3 +397,17 @@ def test_learning_rate_warmup_then_cosine_to_the_floor():
 def test_learning_rate_is_constant_after_warmup_when_the_floor_is_the_peak():
     rates = [learning_rate_at(s, 3e-4, 3e-4, 5, 50) for s in range(4, 60)]
     assert rates == pytest.approx([3e-4] * len(rates))
+
+
+def test_turning_epoch_on_synthetic_curves():
+    epochs = [float(e) for e in range(41)]
+    u_curve = [1.0 + 0.002 * (e - 9) ** 2 for e in epochs]                 # bottoms at epoch 9
+    assert turning_epoch(epochs, u_curve) == 9.0
+    rng = np.random.default_rng(0)
+    noisy = [v + rng.normal(0, 0.004) for v in u_curve]
+    noisy[3] = noisy[9] - 0.02                                             # one lucky evaluation, early
+    assert abs(turning_epoch(epochs, noisy) - 9) <= 1
+    assert int(np.argmin(noisy)) == 3                                      # what the raw minimum would say
+    assert turning_epoch(epochs, [2.0 - 0.01 * e for e in epochs]) == 40.0  # never turns: the last epoch
+    half_epochs = [e / 2 for e in range(21)]
+    assert turning_epoch(half_epochs, [abs(e - 4.5) for e in half_epochs]) == 4.5

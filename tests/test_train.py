@@ -2,6 +2,7 @@
 continual pre-training from a HF checkpoint with export, and every guard."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -215,6 +216,21 @@ def test_finished_run_is_reused_when_moved_or_when_an_unread_knob_changes(worksp
     train.main(args_for(workspace, tmp_path / "drop", method="entrodrop", max_steps=2))
     with pytest.raises(ValueError, match=r"different settings \(curriculum_midpoint\)"):
         train.main(args_for(workspace, tmp_path / "drop", method="entrodrop", max_steps=2, curriculum_midpoint=7))
+
+
+def test_curriculum_midpoint_read_off_the_baseline(workspace, tmp_path):
+    train.main(args_for(workspace, tmp_path / "baseline", method="baseline", epochs=3.0, eval_interval=3))
+    evals = records(tmp_path / "baseline", "eval")
+    expected = train.turning_epoch([r["epoch"] for r in evals], [r["val_loss"] for r in evals])
+    out = tmp_path / "entrodrop"
+    train.main(args_for(workspace, out, method="entrodrop", max_steps=4, curriculum_midpoint=f"auto:{tmp_path / 'baseline'}"))
+    assert records(out, "curriculum") == [{"kind": "curriculum", "midpoint": expected}]
+    before, last = records(out, "train")[-2:]  # a step's ceiling uses the epoch it starts at
+    assert last["gamma_max"] == pytest.approx(0.5 / (1 + math.exp(-(before["epoch"] - expected))))  # Eq. (4)
+    with pytest.raises(FileNotFoundError, match="nothing holds no log.jsonl with evaluations"):
+        train.main(args_for(workspace, tmp_path / "e2", method="entrodrop", curriculum_midpoint=f"auto:{tmp_path / 'nothing'}"))
+    guard(workspace, tmp_path, "must be a number, or 'auto:<baseline out_dir>'", method="entrodrop",
+          curriculum_midpoint="late")
 
 
 def test_accuracy_counts_correct_greedy_answers(workspace, monkeypatch, tmp_path):
