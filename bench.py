@@ -3,7 +3,7 @@ Speed and memory, measured side by side in one run: our Transformer against tran
 implementation of the same architecture with the same weights, the entropy pass against a
 training step, an EntroDrop step against a baseline step, and peak memory at Qwen's vocabulary.
 
-    python bench.py                                         # CPU, fp32: demo size and Qwen3-0.6B with 2 layers
+    python bench.py                                         # CPU, fp32: demo, Qwen3-0.6B with 2 layers, SmolLM2
     python bench.py --device cuda --dtype bfloat16 --compile  # GPU: the whole Qwen3-0.6B, 4 x 4096 tokens
 
 Each comparison alternates the two sides after a warm-up and reports medians; a ratio is the
@@ -204,9 +204,12 @@ def main():
     peak = datasheet_peak or matmul_peak(device, dtype)
 
     rows = []
-    for label, config, batch, seq_len in (("demo (0.33M, vocab 257)", DEMO, 10, 256),
-                                          (f"Qwen3-0.6B shape, {qwen.num_hidden_layers} layers", qwen, qwen_batch,
-                                           qwen_seq)):
+    # (label, config, rows, tokens per row, every row of the table or only the speed against transformers)
+    sizes = (("demo (0.33M, vocab 257)", DEMO, 10, 256, True),
+             (f"Qwen3-0.6B shape, {qwen.num_hidden_layers} layers", qwen, qwen_batch, qwen_seq, True),
+             ("SmolLM2-135M shape (the real model of make real)", MODEL_SIZES["SmolLM2-135M"], *((8, 2048) if gpu else (4, 256)),
+              False))
+    for label, config, batch, seq_len, every_row in sizes:
         ours, theirs, raw = model_pair(config, device, args.compile)
         window = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
         inputs, targets = window[:, :-1], window[:, 1:]
@@ -217,6 +220,9 @@ def main():
         rows.append((f"{label}: fwd+bwd tokens/s, ours | transformers", f"{tokens / t_ours:,.0f} | {tokens / t_hf:,.0f}",
                      f"{ratio:.2f}x"))
         rows.append((f"{label}: MFU, ours | transformers", (flops / t_ours, flops / t_hf), ""))  # FLOP/s, over the peak below
+        if not every_row:
+            del ours, theirs, raw
+            continue
 
         def entropy_pass():
             with torch.no_grad(), autocast:

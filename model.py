@@ -60,6 +60,8 @@ _QWEN25 = dict(model_type="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_e
 _LLAMA3 = dict(model_type="llama", vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
                max_position_embeddings=131072, num_key_value_heads=8, head_dim=128)
 _LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_SMOLLM2 = dict(model_type="llama", vocab_size=49152, rope_theta=1e5, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                num_key_value_heads=3, head_dim=64)
 
 # The released shapes, for benchmarks and for checking a config.json by eye.
 MODEL_SIZES = {name: ModelConfig(**{**family, **extra}, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
@@ -74,6 +76,7 @@ MODEL_SIZES = {name: ModelConfig(**{**family, **extra}, hidden_size=d, intermedi
     ("Llama-3.1-8B", _LLAMA3, 4096, 14336, 32, 32, False, dict(rope_scaling=dict(factor=8.0, **_LLAMA3_ROPE))),
     ("Llama-3.2-1B", _LLAMA3, 2048,  8192, 16, 32, True,  dict(head_dim=64, rope_scaling=dict(factor=32.0, **_LLAMA3_ROPE))),
     ("Llama-3.2-3B", _LLAMA3, 3072,  8192, 28, 24, True,  dict(rope_scaling=dict(factor=32.0, **_LLAMA3_ROPE))),
+    ("SmolLM2-135M", _SMOLLM2,  576,  1536, 30,  9, True,  {}),
 )}
 
 

@@ -6,6 +6,7 @@ metadata keys and its reordering of Llama's q/k rows), from tiny random transfor
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -17,7 +18,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Q
                           Qwen3Config, Qwen3ForCausalLM)
 
 from convert_gguf import convert, unpermute_rope_rows
-from model import Transformer
+from model import MODEL_SIZES, Transformer
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +150,7 @@ def test_smollm2_matches_transformers_gguf_load(smollm2, smollm2_gguf):
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             c.intermediate_size, c.vocab_size, c.rope_theta, c.tie_word_embeddings) == \
         (30, 576, 9, 3, 64, 1536, 49152, 1e5, True)
+    assert c == replace(MODEL_SIZES["SmolLM2-135M"], bos_token_id=1, eos_token_id=2)  # the named shape in model.py
     reference = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
                                                      dtype=torch.float32).eval()
     tokenizer = load_tokenizer(str(smollm2))
