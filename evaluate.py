@@ -187,14 +187,19 @@ def score(model, tokenizer, problems, shots, max_new_tokens, batch_size, progres
 
 # ---- checkpoints and scores.json ------------------------------------------------------------
 
+def is_checkpoint(folder) -> bool:
+    """A Hugging Face folder: config.json and weights (a run folder has a config.json of its own)."""
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in
+                                                      ("model.safetensors", "model.safetensors.index.json"))
+
+
 def checkpoints_under(path) -> list[Path]:
     """A HF folder itself, or a run folder's exports: best/, then epochs/<epoch>/ in epoch order."""
     path = Path(path)
-    if (path / "config.json").is_file():
+    if is_checkpoint(path):
         return [path]
-    epochs = sorted((p for p in (path / "epochs").glob("*") if (p / "config.json").is_file()),
-                    key=lambda p: float(p.name))
-    found = ([path / "best"] if (path / "best" / "config.json").is_file() else []) + epochs
+    epochs = sorted((p for p in (path / "epochs").glob("*") if is_checkpoint(p)), key=lambda p: float(p.name))
+    found = ([path / "best"] if is_checkpoint(path / "best") else []) + epochs
     if not found:
         raise FileNotFoundError(f"{path} is neither a checkpoint folder (config.json) nor a run folder "
                                 "with best/ or epochs/<epoch>/ exports")
