@@ -178,25 +178,27 @@ def test_checkpoint_without_tokenizer_files_and_the_command_line(tiny_qwen3, tmp
     assert "is neither a checkpoint folder" in result.stderr
 
 
-def test_lm_eval_agrees_with_evaluate_py_on_the_local_task(smollm2, tmp_path):
-    """lm-eval's hf model on eval/embedded.yaml, and evaluate.py, on the same problems: the same
-    generations word for word, and the same accuracy."""
+def test_lm_eval_agrees_with_evaluate_py_on_the_local_task(smollm2, tmp_path, monkeypatch):
+    """lm-eval's hf model on the shipped task eval/embedded.yaml, and evaluate.py, on the same
+    problems: the same generations word for word, and the same accuracy."""
     from lm_eval import simple_evaluate
-    from lm_eval.utils import load_yaml_config
+    from lm_eval.tasks import TaskManager
     model, tokenizer = Transformer.from_pretrained(smollm2).eval(), load_tokenizer(str(smollm2))
     problems = generate_problems(8, seed=21)
     first = evaluate.score(model, tokenizer, [{"question": p.question, "reference": str(p.answer)} for p in problems],
-                           "embedded", 0, 96, 8, progress=False)
+                           "embedded", 0, 128, 8, progress=False)
     # The base model rarely solves these: its own answer becomes the reference of every other problem,
     # so that both scorers have right and wrong answers to agree on.
     answers = [r["extracted"] if i % 2 and r["extracted"] else p.answer for i, (p, r) in enumerate(zip(problems, first))]
-    data = write_jsonl(tmp_path / "test.jsonl", [{"question": p.question, "answer": a} for p, a in zip(problems, answers)])
-    ours = evaluate.score(model, tokenizer, evaluate.read_problems(data, "embedded"), "embedded", 0, 96, 8, progress=False)
+    data = tmp_path / "out" / "real" / "data" / "math" / "test.jsonl"  # where the task file looks, from here
+    data.parent.mkdir(parents=True)
+    write_jsonl(data, [{"question": p.question, "answer": a} for p, a in zip(problems, answers)])
+    ours = evaluate.score(model, tokenizer, evaluate.read_problems(data, "embedded"), "embedded", 0, 128, 8,
+                          progress=False)
     assert 0 < sum(r["correct"] for r in ours) < len(ours)
-    task = load_yaml_config(str(ROOT / "eval" / "embedded.yaml"))
-    task["dataset_kwargs"]["data_files"]["test"] = str(data)
-    task["generation_kwargs"]["max_gen_toks"] = 96
-    results = simple_evaluate(model="hf", model_args=f"pretrained={smollm2},dtype=float32", tasks=[task],
+    monkeypatch.chdir(tmp_path)
+    results = simple_evaluate(model="hf", model_args=f"pretrained={smollm2},dtype=float32", tasks=["embedded_problems"],
+                              task_manager=TaskManager(include_path=str(ROOT / "eval"), include_defaults=False),
                               batch_size=8, device="cpu", log_samples=True)
     samples = sorted(results["samples"]["embedded_problems"], key=lambda sample: sample["doc_id"])
     assert [sample["resps"][0][0] for sample in samples] == [r["generation"] for r in ours]
