@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import ModelConfig, Transformer, rope_inverse_frequencies
+from model import ModelConfig, Transformer, replace_durably, rope_inverse_frequencies
 from tokenizer import LLAMA3_PATTERN, QWEN_PATTERN, load_tokenizer
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -258,7 +258,7 @@ def convert(gguf_path, out):
         (temporary / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         Transformer.from_pretrained(temporary)  # every name and shape checked, as training will read them
         load_tokenizer(str(temporary))
-        os.replace(temporary, out)
+        replace_durably(temporary, out)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return config

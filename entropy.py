@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data.loader import load_meta, read_windows
+from model import replace_durably
 
 CACHE_FORMAT = "entrodrop-entropy-v1"
 
@@ -105,14 +106,18 @@ def cache_header(init_from, target_data, seq_len) -> dict:
 def load_entropy_cache(path, header, rebuild_hint) -> dict:
     """{"train_entropy", "train_nll", "val_entropy", "val_nll"} float32 tensors, if the cache at
     path was computed from what `header` describes; otherwise an error that says how to rebuild."""
-    with safe_open(path, framework="pt") as f:
-        found = f.metadata() or {}
-        for key, expected in header.items():
-            if found.get(key) != expected:
-                raise ValueError(f"entropy cache {path} does not match this run: its {key} is "
-                                 f"{found.get(key, 'missing')!r}, expected {expected!r} (the model or the data "
-                                 f"changed). Delete it, or rebuild it with: {rebuild_hint}")
-        return {key: f.get_tensor(key).float() for key in f.keys()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            found, tensors = f.metadata() or {}, {key: f.get_tensor(key).float() for key in f.keys()}
+    except Exception as e:  # safetensors reports a truncated or damaged file as its own error type
+        raise ValueError(f"entropy cache {path} is unreadable ({type(e).__name__}: {e}); delete it and it is "
+                         f"rebuilt by the next run, or rebuild it with: {rebuild_hint}") from None
+    for key, expected in header.items():
+        if found.get(key) != expected:
+            raise ValueError(f"entropy cache {path} does not match this run: its {key} is "
+                             f"{found.get(key, 'missing')!r}, expected {expected!r} (the model or the data "
+                             f"changed). Delete it, or rebuild it with: {rebuild_hint}")
+    return tensors
 
 
 @torch.no_grad()
@@ -136,8 +141,9 @@ def build_entropy_cache(model, target_data, seq_len, path, header, batch_size, r
         tensors[f"{split}_entropy"], tensors[f"{split}_nll"] = scores[..., 0].contiguous(), scores[..., 1].contiguous()
     if rank == 0:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, f"{path}.tmp", metadata=header)
-        os.replace(f"{path}.tmp", path)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        save_file(tensors, temporary, metadata=header)
+        replace_durably(temporary, path)
     if world_size > 1:
         dist.barrier()
 

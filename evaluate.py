@@ -12,15 +12,20 @@ the extracted and the reference answer, so that any prompt can be re-run elsewhe
 rewritten after every batch, and a rerun continues where it stopped.
 
 Formats (one JSON object per line):
-    embedded  question, answer (a number)            the problems of data/embedded.py
-    gsm8k     question, answer ending "#### N"       GSM8K
-Prompts are "Question: ...\\nAnswer:", after --shots worked examples (the 8 chain-of-thought
-exemplars that are usual for GSM8K, written out below). Decoding is greedy and stops at the
-next "Question:" or an end token.
+    embedded  question, answer (a number)              the problems of data/embedded.py
+    gsm8k     question, answer ending "#### N"         GSM8K
+    math      problem, solution with \\boxed{...}      MATH, MATH500 (an "answer" field wins if present)
+Prompts are "Question: ...\\nAnswer:" (math: "Problem: ...\\nSolution:"), after --shots worked
+examples: the 8 chain-of-thought exemplars usual for GSM8K, or the 4 usual for MATH (Minerva),
+written out below. Decoding is greedy and stops at the next question or an end token.
 
-Answers are compared as numbers after the usual normalization: the number after "The answer
-is" or "####", else the last number of the generation; commas, "$" and trailing units or
-periods dropped; "3.50" equals "3.5".
+Answer rules, as is usual for each set:
+- embedded, gsm8k: the number after the last "The answer is" or "####", else the generation's
+  last number; commas, "$" and units dropped; compared as numbers ("3.50" is "3.5").
+- math: the last \\boxed{...} of the generation, else what follows "The final answer is";
+  both sides normalized (no spaces, $, \\left/\\right, \\!, degrees, %, trailing \\text units
+  or "x ="; \\dfrac and \\tfrac are \\frac; \\frac12 is \\frac{1}{2}), then compared as
+  numbers when both are one (0.5 is \\frac{1}{2} is 1/2), else as strings.
 """
 
 import argparse
@@ -31,14 +36,19 @@ import os
 import re
 import sys
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-FORMATS = ("embedded", "gsm8k")
-STOP_STRINGS = ("\nQuestion:", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>")
+from entropy import checkpoint_fingerprint
+from model import Transformer, replace_durably
+from tokenizer import load_tokenizer
+
+FORMATS = ("embedded", "gsm8k", "math")
+STOP_STRINGS = ("\nQuestion:", "\nProblem:", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>")
 
 # The eight worked examples that chain-of-thought prompting for GSM8K usually takes (Wei et al., 2022).
 EXEMPLARS = [
@@ -73,40 +83,80 @@ EXEMPLARS = [
 ]
 
 
+# The four worked examples that MATH is usually prompted with (Lewkowycz et al., 2022, Minerva).
+MATH_EXEMPLARS = [
+    ("Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.",
+     "The expressions inside each square root must be non-negative. Therefore, $x-2 \\ge 0$, so $x\\ge2$, and "
+     "$5 - x \\ge 0$, so $x \\le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which gives "
+     "$x<5$. Therefore, the domain of the expression is $\\boxed{[2,5)}$.\nFinal Answer: The final answer is "
+     "$[2,5)$. I hope it is correct."),
+    ("If $\\det \\mathbf{A} = 2$ and $\\det \\mathbf{B} = 12,$ then find $\\det (\\mathbf{A} \\mathbf{B}).$",
+     "We have that $\\det (\\mathbf{A} \\mathbf{B}) = (\\det \\mathbf{A})(\\det \\mathbf{B}) = (2)(12) = "
+     "\\boxed{24}.$\nFinal Answer: The final answer is $24$. I hope it is correct."),
+    ("Terrell usually lifts two 20-pound weights 12 times. If he uses two 15-pound weights instead, how many "
+     "times must Terrell lift them in order to lift the same total weight?",
+     "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of "
+     "weight. If he lifts two 15-pound weights instead for $n$ times, he will lift a total of $2\\cdot15\\cdot "
+     "n=30n$ pounds of weight. Equating this to 480 pounds, we can solve for $n$:\n\\begin{align*}\n30n&=480\\\\\n"
+     "\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\nFinal Answer: The final answer is $16$. I hope it "
+     "is correct."),
+    ("If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\\\n6y-9x &=b.\n\\end{align*}has a solution "
+     "$(x, y)$ where $x$ and $y$ are both nonzero, find $\\frac{a}{b},$ assuming $b$ is nonzero.",
+     "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we also "
+     "know that $6y-9x=b$, we have\n\n$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\n"
+     "Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct."),
+]
+
+
 # ---- problems, prompts and answers ----------------------------------------------------------
 
 def read_problems(path, fmt) -> list[dict]:
     """[{"question", "reference"}] from a JSONL file of the given format; errors name the line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data {path} does not exist")
+        raise FileNotFoundError(f"problem file {path} does not exist")
+    question_key, answer_key = ("problem", "solution") if fmt == "math" else ("question", "answer")
     problems = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path}, line {number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number} is not valid JSON ({e.msg}); fix or drop that line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str) or "answer" not in record:
+            raise ValueError(f"{where} is not valid JSON ({e.msg}); fix or drop that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(question_key), str) or \
+                (answer_key not in record and "answer" not in record):
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}, line {number}: format {fmt!r} needs a string 'question' and an 'answer' "
+            raise ValueError(f"{where}: format {fmt!r} needs a string {question_key!r} and {answer_key!r} "
                              f"(found {found})")
-        answer = str(record["answer"])
-        if fmt == "gsm8k":
-            if "####" not in answer:
-                raise ValueError(f"{path}, line {number}: a GSM8K answer ends with '#### N', and this one does not")
-            answer = answer.rsplit("####", 1)[1]
-        reference = normalize_number(answer)
-        if reference is None:
-            raise ValueError(f"{path}, line {number}: the answer {record['answer']!r} is not a number")
-        problems.append({"question": record["question"], "reference": reference})
+        problems.append({"question": record[question_key], "reference": reference_answer(record, fmt, where)})
     if not problems:
-        raise ValueError(f"--data {path} holds no problems")
+        raise ValueError(f"problem file {path} holds no problems")
     return problems
 
 
-def build_prompt(question, shots) -> str:
+def reference_answer(record, fmt, where) -> str:
+    if fmt == "math":
+        answer = record.get("answer") or last_boxed(str(record["solution"]))
+        if answer is None:
+            raise ValueError(f"{where}: the solution has no \\boxed{{...}} answer, and there is no 'answer' field")
+        return str(answer)
+    answer = str(record["answer"])
+    if fmt == "gsm8k":
+        if "####" not in answer:
+            raise ValueError(f"{where}: a GSM8K answer ends with '#### N', and this one does not")
+        answer = answer.rsplit("####", 1)[1]
+    reference = normalize_number(answer)
+    if reference is None:
+        raise ValueError(f"{where}: the answer {record['answer']!r} is not a number")
+    return reference
+
+
+def build_prompt(question, fmt, shots) -> str:
+    if fmt == "math":
+        examples = "".join(f"Problem: {q}\nSolution: {a}\n\n" for q, a in MATH_EXEMPLARS[:shots])
+        return f"{examples}Problem: {question}\nSolution:"
     examples = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in EXEMPLARS[:shots])
     return f"{examples}Question: {question}\nAnswer:"
 
@@ -119,13 +169,75 @@ def normalize_number(text) -> str | None:
     return format(Decimal(match.group().replace(",", "")).normalize(), "f")
 
 
-def extract_answer(generation) -> str | None:
-    """The number after the last "The answer is" or "####", else the generation's last number."""
+def extract_answer(generation, fmt) -> str | None:
+    """embedded, gsm8k: the number after the last "The answer is" or "####", else the last number.
+    math: the last \\boxed{...}, else what follows "The final answer is"."""
+    if fmt == "math":
+        boxed = last_boxed(generation)
+        if boxed is not None:
+            return boxed
+        final = re.findall(r"[Tt]he final answer is\s*\$?(.+?)\$?\s*(?:\.\s|\.?$|\n)", generation)
+        return final[-1].strip() if final else None
     marked = re.findall(r"(?:[Tt]he answer is|####)\s*:?\s*\$?\s*(-?[\d,]*\.?\d+)", generation)
     if marked:
         return normalize_number(marked[-1])
     numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", generation)
     return normalize_number(numbers[-1]) if numbers else None
+
+
+def last_boxed(text) -> str | None:
+    """The contents of the last \\boxed{...} (or \\fbox{...}) in text, braces balanced."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    depth, begin = 0, text.index("{", start)
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin + 1:i]
+    return None  # never closed: a generation cut short
+
+
+def normalize_math(answer) -> str:
+    """A MATH answer in one canonical spelling (the rules in the module's docstring)."""
+    text = answer.strip().replace("\n", "").replace("\\!", "").replace("\\,", "").replace("\\ ", "")
+    text = re.sub(r"\\(?:d|t)frac", r"\\frac", text)
+    for gone in ("\\left", "\\right", "^{\\circ}", "^\\circ", "\\$", "$", "\\%", "%"):
+        text = text.replace(gone, "")
+    text = re.sub(r"^(.*\S)\s*\\(?:text|mbox)\{\s*[a-zA-Z ]+\}$", r"\1", text.strip())  # a unit: "10\\text{ cm}"
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
+    if re.fullmatch(r"[a-zA-Z]\s*=.*", text):  # "x = 5" -> "5"
+        text = text.split("=", 1)[1]
+    text = text.replace(" ", "").rstrip(".")
+    text = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", text)   # \\frac12
+    text = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", text)
+    text = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", text)
+    text = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", text)          # \\sqrt3
+    text = re.sub(r"(\d),(\d{3})(?!\d)", r"\1\2", text)           # 1,000
+    return re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", text)        # .5 -> 0.5
+
+
+def as_fraction(text) -> Fraction | None:
+    """A normalized answer as an exact number, if it is one: "-3", "0.5", "\\frac{1}{2}", "1/2"."""
+    sign, body = (-1, text[1:]) if text.startswith("-") else (1, text)
+    match = re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}|(\d+)/(\d+)", body)
+    try:
+        if match:
+            numerator, denominator = (int(g) for g in match.groups() if g is not None)
+            return sign * Fraction(numerator, denominator)
+        return sign * Fraction(Decimal(body)) if re.fullmatch(r"\d+(?:\.\d+)?", body) else None
+    except ZeroDivisionError:
+        return None
+
+
+def is_correct(extracted, reference, fmt) -> bool:
+    if extracted is None:
+        return False
+    if fmt != "math":
+        return extracted == reference
+    mine, theirs = normalize_math(extracted), normalize_math(reference)
+    numbers = as_fraction(mine), as_fraction(theirs)
+    return numbers[0] == numbers[1] if None not in numbers else mine == theirs
 
 
 def cut_at_stop(text) -> str:
@@ -173,15 +285,15 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, prog
     return answers
 
 
-def score(model, tokenizer, problems, shots, max_new_tokens, batch_size, progress=True) -> list[dict]:
+def score(model, tokenizer, problems, fmt, shots, max_new_tokens, batch_size, progress=True) -> list[dict]:
     """One record per problem: prompt, generation, extracted and reference answers, correct."""
-    prompts = [build_prompt(p["question"], shots) for p in problems]
+    prompts = [build_prompt(p["question"], fmt, shots) for p in problems]
     generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     records = []
     for problem, prompt, generation in zip(problems, prompts, generations):
-        extracted = extract_answer(generation)
+        extracted = extract_answer(generation, fmt)
         records.append({"prompt": prompt, "generation": generation, "extracted": extracted,
-                        "reference": problem["reference"], "correct": extracted == problem["reference"]})
+                        "reference": problem["reference"], "correct": is_correct(extracted, problem["reference"], fmt)})
     return records
 
 
@@ -207,17 +319,14 @@ def checkpoints_under(path) -> list[Path]:
 
 
 def write_json(path, obj):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(obj, indent=1) + "\n")
+    replace_durably(temporary, path)
 
 
 def evaluate_checkpoint(folder, problems, settings, batch_size, rank=0, world_size=1) -> dict:
     """Score one checkpoint, continuing from its scores.json when that has the same settings and
     was computed from the same weights (best/ is rewritten while a run trains)."""
-    from entropy import checkpoint_fingerprint
-    from model import Transformer
-    from tokenizer import load_tokenizer
     settings = {**settings, "checkpoint": checkpoint_fingerprint(folder)}
     path = folder / "scores.json"
     earlier = json.loads(path.read_text()) if path.is_file() else {}
@@ -230,7 +339,7 @@ def evaluate_checkpoint(folder, problems, settings, batch_size, rank=0, world_si
         for start in range(len(done), len(problems), chunk):
             part = problems[start:start + chunk]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                mine = score(model, tokenizer, part[rank::world_size], settings["shots"],
+                mine = score(model, tokenizer, part[rank::world_size], settings["format"], settings["shots"],
                              settings["max_new_tokens"], batch_size, progress=rank == 0)
             if world_size > 1:  # problem j of the chunk was scored by rank j % world_size
                 gathered = [None] * world_size
@@ -257,13 +366,15 @@ def main(argv=None):
     parser.add_argument("path", help="a Hugging Face checkpoint folder, or a run folder of train.py")
     parser.add_argument("--data", required=True, help="a JSONL file of problems")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--shots", type=int, default=0, help=f"worked examples before each question (0-{len(EXEMPLARS)})")
+    parser.add_argument("--shots", type=int, default=0,
+                        help=f"worked examples before each question (0-{len(EXEMPLARS)}; math: 0-{len(MATH_EXEMPLARS)})")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N problems (0: all)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
     args = parser.parse_args(argv)
-    if not 0 <= args.shots <= len(EXEMPLARS):
-        parser.error(f"--shots={args.shots} must be between 0 and {len(EXEMPLARS)}")
+    most = len(MATH_EXEMPLARS if args.format == "math" else EXEMPLARS)
+    if not 0 <= args.shots <= most:
+        parser.error(f"--shots={args.shots} must be between 0 and {most} for --format {args.format}")
     for name in ("limit", "max_new_tokens", "batch_size"):
         if getattr(args, name) < (0 if name == "limit" else 1):
             parser.error(f"--{name}={getattr(args, name)} must be {'>= 0' if name == 'limit' else '>= 1'}")

@@ -440,8 +440,9 @@ class Transformer(nn.Module):
         names = ["model.safetensors"] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
-            save_file(shard, str(folder / f"{name}.tmp"), metadata={"format": "pt"})
-            os.replace(folder / f"{name}.tmp", folder / name)
+            temporary = folder / f"{name}.{os.getpid()}.tmp"
+            save_file(shard, str(temporary), metadata={"format": "pt"})
+            replace_durably(temporary, folder / name)
         index = folder / "model.safetensors.index.json"
         if len(shards) > 1:
             weight_map = {t: name for name, shard in zip(names, shards) for t in shard}
@@ -475,9 +476,27 @@ def _read_json(path: Path):
 
 
 def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(obj, indent=2) + "\n")
+    replace_durably(temporary, path)
+
+
+def replace_durably(temporary, path):
+    """Move a file or folder, just written whole under a temporary name (with the writer's pid in it,
+    so that two writers never share one), onto path: readers and crashes then see the old version
+    or the new one, never a mixture. Its files are forced to disk first (a rename can reach the
+    disk before the data it names) and given the user's umask (safetensors makes them private)."""
+    temporary = Path(temporary)
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in [temporary] if temporary.is_file() else sorted(p for p in temporary.rglob("*") if p.is_file()):
+        os.chmod(file, 0o666 & ~umask)
+        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    os.replace(temporary, path)
 
 
 def _read_safetensors(folder: Path, device: str) -> dict:

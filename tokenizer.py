@@ -86,6 +86,8 @@ def _write_atomically(file: str, data: bytes) -> None:
     temporary = f"{file}.{os.getpid()}.tmp"
     with open(temporary, "wb") as handle:
         handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before the rename, which can otherwise get there first
     os.replace(temporary, file)
 
 

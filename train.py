@@ -11,12 +11,14 @@ Every setting is a field of Config below. A preset in config/ assigns some of th
 """
 
 import ast
+import fcntl
 import gc
 import json
 import math
 import os
 import runpy
 import shutil
+import socket
 import sys
 import time
 import typing
@@ -29,11 +31,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.loader import MixtureLoader, load_meta, read_windows
+from data.loader import MixtureLoader, load_meta, read_windows, verify_checksums
 from dropout import TARGETING_MODES, draw_gamma, neftune_noise, token_dropout_mask
 from entropy import build_entropy_cache, cache_header, default_cache_path, load_entropy_cache, token_entropies
 from evaluate import FORMATS, read_problems, score
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, replace_durably
 from schedule import gamma_max_at, learning_rate_at, turning_epoch
 from tokenizer import load_tokenizer
 
@@ -101,6 +103,28 @@ class Config:
     resume: bool = False                       # continue from out_dir/ckpt.pt if it exists
 
 
+# The values each numeric setting may take, in interval notation; validate() checks them all, and
+# NaN or an infinity never passes. (seed: numpy and torch take seeds below 2^64; rank is added.)
+NUMBER_RANGES = {
+    "target_ratio": "(0, 1]", "seq_len": "[1, inf)", "global_batch_size": "[1, inf)", "micro_batch_size": "[1, inf)",
+    "epochs": "[0, inf)", "max_steps": "[0, inf)",
+    "learning_rate": "(0, inf)", "min_lr": "[0, inf)", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)",
+    "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": "[0, inf)",
+    "gamma_max": "[0, 1]", "gate_percentile": "(0, 1]", "curriculum_sharpness": "(0, inf)",
+    "curriculum_midpoint": "(-inf, inf)", "neftune_alpha": "[0, inf)", "dropout": "[0, 1)",
+    "eval_interval": "[0, inf)", "general_eval_windows": "[0, inf)", "accuracy_samples": "[0, inf)",
+    "export_every": "[0, inf)", "log_interval": "[1, inf)", "checkpoint_interval": "[1, inf)", "seed": "[0, 1e18]",
+}
+
+
+def in_interval(value, interval) -> bool:
+    """Is value a finite number inside interval, written "[low, high)" and the like?"""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
 def parse_config(argv) -> Config:
     """Presets (python files of assignments) and --key=value overrides, applied in order."""
     types = {f.name: f.type for f in fields(Config)}
@@ -143,9 +167,13 @@ def validate(c: Config, world_size):
                          ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
                          ("accuracy_format", FORMATS)):
         require(getattr(c, key) in allowed, f"{key}={getattr(c, key)!r} must be one of {allowed}")
-    require(0.0 < c.target_ratio <= 1.0, f"target_ratio={c.target_ratio} must be in (0, 1]")
-    require(0.0 < c.gate_percentile <= 1.0, f"gate_percentile={c.gate_percentile} must be in (0, 1]")
-    require(0.0 <= c.gamma_max <= 1.0, f"gamma_max={c.gamma_max} must be in [0, 1]")
+    for key, interval in NUMBER_RANGES.items():
+        value = getattr(c, key)
+        require(isinstance(value, str) or in_interval(value, interval),  # str: curriculum_midpoint="auto:..."
+                f"{key}={value!r} is out of range: it must lie in {interval}")
+    require(c.min_lr <= c.learning_rate, f"min_lr={c.min_lr} must not exceed learning_rate={c.learning_rate}")
+    require(c.accuracy_samples == 0 or c.accuracy_problems,
+            f"accuracy_samples={c.accuracy_samples} needs accuracy_problems: a JSONL file of problems to score")
     require(c.global_batch_size % (c.micro_batch_size * world_size) == 0,
             f"global_batch_size={c.global_batch_size} must be a multiple of micro_batch_size="
             f"{c.micro_batch_size} x {world_size} ranks")
@@ -206,8 +234,8 @@ def evaluate(model, c, val, general_val, groups, problems, tokenizer, rank, worl
                         sums[j] += nll[where].sum()   # where (b, seq_len): the low or high group
                         counts[j] += where.sum()
         if problems:  # batched greedy decoding, scored by the rules of evaluate.py
-            records = score(model, tokenizer, problems[rank::world_size], shots=0, max_new_tokens=256,
-                            batch_size=b, progress=False)
+            records = score(model, tokenizer, problems[rank::world_size], c.accuracy_format, shots=0,
+                            max_new_tokens=256, batch_size=b, progress=False)
             sums[4] += sum(r["correct"] for r in records)
             counts[4] += len(records)
     if world_size > 1:
@@ -229,10 +257,61 @@ def entropy_groups(val_nll):
     return torch.stack((rank < nll.numel() // 2, rank >= nll.numel() - nll.numel() // 4), dim=1)
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (a non-finite loss, an interrupt): one line for the user, no traceback."""
+
+
+HELD_LOCKS = []  # the open lock file of this process's run (see lock_out_dir)
+
+
+def lock_out_dir(out_dir: Path):
+    """Hold an exclusive lock on out_dir until the run ends: the OS releases it when the process
+    exits, SIGKILL included. A second run in the same folder, or an orphaned worker of a killed
+    torchrun still writing there, then makes the next run fail at once, naming the holder."""
+    for handle in HELD_LOCKS:  # an earlier main() of this process has ended (a notebook, the tests)
+        handle.close()
+    HELD_LOCKS.clear()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / ".lock", "a+")
+    except OSError as e:  # a file of that name, no permission, a read-only disk
+        raise ValueError(f"out_dir={out_dir} cannot be used ({e.strerror}); choose a folder that can be written") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"out_dir={out_dir} is in use by {holder}; wait for that run to end or stop it "
+                         "(kill its pid), or choose another out_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{' '.join(sys.argv)}\n")
+    handle.flush()
+    HELD_LOCKS.append(handle)
+
+
+def read_checkpoint(path):
+    """The training state at path, memory-mapped (every rank reads the settings without copying the
+    weights and optimizer state into memory), or a clear error for an empty or damaged file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # an empty file fails in mmap, a truncated one in the zip reader
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be empty or "
+                         "truncated: delete it to start this run over") from None
+
+
 def save_checkpoint(path, state):
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save leaves the previous checkpoint intact
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, temporary)
+    replace_durably(temporary, path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def write_durably(path, text):
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    replace_durably(temporary, path)
 
 
 def export(model, tokenizer, folder):
@@ -245,7 +324,7 @@ def export(model, tokenizer, folder):
     tokenizer.save(str(fresh))
     if folder.exists():
         os.replace(folder, stale)
-    os.replace(fresh, folder)
+    replace_durably(fresh, folder)
     shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -276,12 +355,27 @@ def main(argv):
     bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
+    # ---- out_dir: one run at a time; rank 0 holds the lock, and every rank stops if it cannot
+    refusal = None
+    if master:
+        try:
+            lock_out_dir(out_dir)
+        except ValueError as e:
+            refusal = str(e)
+    if distributed:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal:
+        raise ValueError(refusal)
+
     # ---- an earlier run in out_dir: reuse it if finished, resume it if asked, never overwrite it
-    # mmap: every rank reads the settings without copying the weights and optimizer state into memory
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True) if ckpt_path.exists() else None
+    checkpoint = read_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if checkpoint is not None:
-        # Only settings this run reads count: a moved folder or a token dropout knob of a baseline is no change.
-        unread = {"resume", "out_dir"} | (set() if c.method in TOKEN_DROPOUT_METHODS else TOKEN_DROPOUT_KEYS)
+        # Only settings this run reads count: a moved folder or a token dropout knob of a baseline is no
+        # change, nor the micro-batch (the same global batch, split otherwise: e.g. to fit another GPU).
+        unread = {"resume", "out_dir", "micro_batch_size"} | \
+            (set() if c.method in TOKEN_DROPOUT_METHODS else TOKEN_DROPOUT_KEYS)
         changed = {k for k, v in asdict(c).items() if k not in unread and checkpoint["config"].get(k) != v}
         if changed:
             raise ValueError(f"{ckpt_path} is a run with different settings ({', '.join(sorted(changed))}); "
@@ -313,15 +407,21 @@ def main(argv):
     if c.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={c.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
+    vocab_size = model.config.vocab_size
     for folder in (c.target_data, c.general_data):
-        load_meta(folder, tokenizer, model.config.vocab_size)
+        load_meta(folder, tokenizer, vocab_size)
     loader = MixtureLoader(c.target_data, c.general_data, c.seq_len, c.global_batch_size, c.micro_batch_size,
-                           c.target_ratio, c.seed, rank, world_size)
+                           c.target_ratio, c.seed, rank, world_size, vocab_size)
     max_steps = c.max_steps or loader.steps_for_epochs(c.epochs)
-    val = torch.from_numpy(read_windows(c.target_data, "val", c.seq_len))
+    val = torch.from_numpy(read_windows(c.target_data, "val", c.seq_len, vocab_size=vocab_size))
     if len(val) == 0:
         raise ValueError(f"{c.target_data}/val.bin is shorter than one window of {c.seq_len + 1} tokens")
-    general_val = torch.from_numpy(read_windows(c.general_data, "val", c.seq_len)[:c.general_eval_windows])
+    general_val = torch.from_numpy(read_windows(c.general_data, "val", c.seq_len, vocab_size=vocab_size)
+                                   [:c.general_eval_windows])
+    if c.general_eval_windows and len(general_val) == 0:
+        raise ValueError(f"{c.general_data}/val.bin is shorter than one window of {c.seq_len + 1} tokens, so no "
+                         "general validation loss can be measured; prepare it with --val_share > 0, or set "
+                         "general_eval_windows=0 to train without it")
     problems = read_problems(c.accuracy_problems, c.accuracy_format)[:c.accuracy_samples] if c.accuracy_samples else []
 
     # ---- the base model's entropies: computed once (all ranks), before any training
@@ -329,6 +429,9 @@ def main(argv):
     if c.init_from != "scratch":
         header = cache_header(c.init_from, c.target_data, c.seq_len)
         cache_path = c.entropy_cache or default_cache_path(c.target_data, header["model"], c.seq_len)
+        # The cache is keyed on the sha256 in meta.json, so the files must still have it: one read of
+        # the target data (80 MB for the paper's 0.02B tokens: well under a second).
+        verify_checksums(c.target_data)
         if not Path(cache_path).exists():
             with autocast:
                 build_entropy_cache(model.eval(), c.target_data, c.seq_len, cache_path, header,
@@ -362,10 +465,9 @@ def main(argv):
         torch.manual_seed(c.seed + rank)  # hidden dropout differs across ranks, as their rows do
     log_path = out_dir / "log.jsonl"
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(asdict(c), indent=1) + "\n")
+        write_durably(out_dir / "config.json", json.dumps(asdict(c), indent=1) + "\n")
         lines = log_path.read_text().splitlines(keepends=True)[:log_lines] if checkpoint else []
-        log_path.write_text("".join(lines))  # drop records written after the checkpoint
+        write_durably(log_path, "".join(lines))  # drop records written after the checkpoint
     raw_model = model
     if c.compile:
         model = torch.compile(model)
@@ -398,92 +500,100 @@ def main(argv):
     targeting = "all" if c.method == "token_dropout" else c.targeting
     last_epoch = math.floor(loader.epoch)
     resumed_step = loader.step if checkpoint is not None else None  # evaluated before that checkpoint was saved
+    saved_step = resumed_step  # the step of the newest checkpoint
     flops_per_token, peak = raw_model.flops_per_token(c.seq_len), peak_flops(device) if bf16 else None
-    while True:
-        step, epoch = loader.step, loader.epoch
-        epoch_end = math.floor(epoch) > last_epoch
-        due = step == 0 or step == max_steps or epoch_end or (c.eval_interval and step % c.eval_interval == 0)
-        if due and step != resumed_step:
-            results = evaluate(raw_model, c, val, general_val, groups, problems, tokenizer, rank, world_size, autocast)
-            if results["val_loss"] < best["val_loss"]:
-                best = {"val_loss": results["val_loss"], "epoch": epoch, "step": step}
-                if master:  # the best model so far, ready for lm-eval / OpenCompass / vLLM
-                    export(raw_model, tokenizer, out_dir / "best")
-            if master and c.export_every and (step == max_steps or (epoch_end and math.floor(epoch) % c.export_every == 0)):
-                # Named by whole target epochs; a run stopped by max_steps mid-epoch ends with e.g. 3.40.
-                export(raw_model, tokenizer, out_dir / "epochs" / (str(math.floor(epoch)) if epoch_end else f"{epoch:.2f}"))
-            log({"kind": "eval", "step": step, "epoch": epoch, **results,
-                 "best_val_loss": best["val_loss"], "best_epoch": best["epoch"]})
-            if master:
-                print(f"eval step {step} epoch {epoch:.2f}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in results.items() if v is not None) +
-                    f", best {best['val_loss']:.4f} at epoch {best['epoch']:.2f}")
-            last_epoch = math.floor(epoch)
-        if step == max_steps or (step > 0 and step % c.checkpoint_interval == 0):
-            rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            all_rng = [None] * world_size
-            if distributed:
-                dist.all_gather_object(all_rng, rng)
-            else:
-                all_rng = [rng]
-            if master:
-                save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "loader": loader.state_dict(), "rng": all_rng, "best": best,
-                                            "config": asdict(c), "log_lines": log_lines, "finished": step == max_steps,
-                                            "midpoint": midpoint})
-        if step == max_steps:
-            break
+    try:
+        while True:
+            step, epoch = loader.step, loader.epoch
+            epoch_end = math.floor(epoch) > last_epoch
+            due = step == 0 or step == max_steps or epoch_end or (c.eval_interval and step % c.eval_interval == 0)
+            if due and step != resumed_step:
+                results = evaluate(raw_model, c, val, general_val, groups, problems, tokenizer, rank, world_size, autocast)
+                if results["val_loss"] < best["val_loss"]:
+                    best = {"val_loss": results["val_loss"], "epoch": epoch, "step": step}
+                    if master:  # the best model so far, ready for lm-eval / OpenCompass / vLLM
+                        export(raw_model, tokenizer, out_dir / "best")
+                if master and c.export_every and (step == max_steps or (epoch_end and math.floor(epoch) % c.export_every == 0)):
+                    # Named by whole target epochs; a run stopped by max_steps mid-epoch ends with e.g. 3.40.
+                    export(raw_model, tokenizer, out_dir / "epochs" / (str(math.floor(epoch)) if epoch_end else f"{epoch:.2f}"))
+                log({"kind": "eval", "step": step, "epoch": epoch, **results,
+                     "best_val_loss": best["val_loss"], "best_epoch": best["epoch"]})
+                if master:
+                    print(f"eval step {step} epoch {epoch:.2f}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in results.items() if v is not None) +
+                        f", best {best['val_loss']:.4f} at epoch {best['epoch']:.2f}")
+                last_epoch = math.floor(epoch)
+            if step == max_steps or (step > 0 and step % c.checkpoint_interval == 0):
+                rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+                all_rng = [None] * world_size
+                if distributed:
+                    dist.all_gather_object(all_rng, rng)
+                else:
+                    all_rng = [rng]
+                if master:
+                    save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                "loader": loader.state_dict(), "rng": all_rng, "best": best,
+                                                "config": asdict(c), "log_lines": log_lines, "finished": step == max_steps,
+                                                "midpoint": midpoint})
+                saved_step = step
+            if step == max_steps:
+                break
 
-        # one optimizer step: gamma_j once per step (Sec. 3.1), masks keyed by each row's window
-        step_start = time.time()
-        j = epoch if c.curriculum_unit == "epoch" else step
-        ceiling = gamma_max_at(j, c.gamma_max, c.curriculum_sharpness, midpoint, c.curriculum) if dropping else 0.0
-        gamma = draw_gamma(c.seed, step, ceiling)
-        lr = learning_rate_at(step, c.learning_rate, c.min_lr, c.warmup_steps, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stats = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, masked tokens, target tokens
-        for micro, batch in enumerate(loader.next_batch()):
-            inputs, targets, target_rows = to_device(batch.inputs), to_device(batch.targets), batch.target_rows
-            fill_mask = noise = None
-            if dropping:
-                rows = scores[batch.sample_index.clamp(min=0), :c.seq_len]  # (b, seq_len) from the cache
-                rows[~target_rows] = math.nan                               # general rows: never gated
-                fill_mask = to_device(token_dropout_mask(rows, target_rows, batch.sample_index, c.seed, step, gamma,
-                                                         targeting, c.gate_percentile))
-                stats[1] += fill_mask.sum()
-            if c.method == "neftune":
-                lengths = torch.full((len(inputs),), c.seq_len)  # windows are never padded
-                noise = neftune_noise((*inputs.shape, raw_model.config.hidden_size), batch.sample_index,
-                                      lengths, c.neftune_alpha, c.seed, step, device)
-            stats[2] += target_rows.sum() * c.seq_len
-            if distributed:  # synchronize gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == accumulation - 1
-            with autocast:
-                _, loss = model(inputs, targets, fill_mask=fill_mask, embedding_noise=noise)
-            # Each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps
-            # makes the summed gradients the mean over the whole global batch (DDP averages ranks).
-            (loss / accumulation).backward()
-            stats[0] += loss.detach()
-        if distributed:
-            dist.all_reduce(stats)
-        train_loss = stats[0].item() / (accumulation * world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or math.inf).item()
-        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # stop before the weights are hit
-            raise RuntimeError(f"non-finite training at step {step} (loss {train_loss}, gradient norm {grad_norm}); "
-                               f"stopping. The last good checkpoint is {ckpt_path}. Lower learning_rate, or check "
-                               "the data.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_per_sec = c.global_batch_size * c.seq_len / (time.time() - step_start)
-        if (step + 1) % c.log_interval == 0:
-            log({"kind": "train", "step": step + 1, "epoch": loader.epoch, "lr": lr, "gamma_max": ceiling,
-                 "gamma": gamma, "mask_rate": stats[1].item() / max(1.0, stats[2].item()), "train_loss": train_loss,
-                 "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                 "mfu": flops_per_token * tokens_per_sec / (peak * world_size) if peak else None})
-            if master:
-                print(f"step {step + 1}/{max_steps} epoch {loader.epoch:.2f} loss {train_loss:.4f} lr {lr:.2e} "
-                      f"gamma_max {ceiling:.3f} grad_norm {grad_norm:.3f} {tokens_per_sec:,.0f} tok/s")
+            # one optimizer step: gamma_j once per step (Sec. 3.1), masks keyed by each row's window
+            step_start = time.time()
+            j = epoch if c.curriculum_unit == "epoch" else step
+            ceiling = gamma_max_at(j, c.gamma_max, c.curriculum_sharpness, midpoint, c.curriculum) if dropping else 0.0
+            gamma = draw_gamma(c.seed, step, ceiling)
+            lr = learning_rate_at(step, c.learning_rate, c.min_lr, c.warmup_steps, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stats = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, masked tokens, target tokens
+            for micro, batch in enumerate(loader.next_batch()):
+                inputs, targets, target_rows = to_device(batch.inputs), to_device(batch.targets), batch.target_rows
+                fill_mask = noise = None
+                if dropping:
+                    rows = scores[batch.sample_index.clamp(min=0), :c.seq_len]  # (b, seq_len) from the cache
+                    rows[~target_rows] = math.nan                               # general rows: never gated
+                    fill_mask = to_device(token_dropout_mask(rows, target_rows, batch.sample_index, c.seed, step, gamma,
+                                                             targeting, c.gate_percentile))
+                    stats[1] += fill_mask.sum()
+                if c.method == "neftune":
+                    lengths = torch.full((len(inputs),), c.seq_len)  # windows are never padded
+                    noise = neftune_noise((*inputs.shape, raw_model.config.hidden_size), batch.sample_index,
+                                          lengths, c.neftune_alpha, c.seed, step, device)
+                stats[2] += target_rows.sum() * c.seq_len
+                if distributed:  # synchronize gradients only on the last micro-step
+                    model.require_backward_grad_sync = micro == accumulation - 1
+                with autocast:
+                    _, loss = model(inputs, targets, fill_mask=fill_mask, embedding_noise=noise)
+                # Each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps
+                # makes the summed gradients the mean over the whole global batch (DDP averages ranks).
+                (loss / accumulation).backward()
+                stats[0] += loss.detach()
+            if distributed:
+                dist.all_reduce(stats)
+            train_loss = stats[0].item() / (accumulation * world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or math.inf).item()
+            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # stop before the weights are hit
+                kept = f"{ckpt_path} (step {saved_step}) is intact" if saved_step is not None else "no checkpoint was saved yet"
+                raise TrainingStopped(f"non-finite training at step {step} (loss {train_loss}, gradient norm {grad_norm}); "
+                                      f"stopped before the weights changed, and {kept}. Lower learning_rate, or check the data")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_per_sec = c.global_batch_size * c.seq_len / (time.time() - step_start)
+            if (step + 1) % c.log_interval == 0:
+                log({"kind": "train", "step": step + 1, "epoch": loader.epoch, "lr": lr, "gamma_max": ceiling,
+                     "gamma": gamma, "mask_rate": stats[1].item() / max(1.0, stats[2].item()), "train_loss": train_loss,
+                     "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+                     "mfu": flops_per_token * tokens_per_sec / (peak * world_size) if peak else None})
+                if master:
+                    print(f"step {step + 1}/{max_steps} epoch {loader.epoch:.2f} loss {train_loss:.4f} lr {lr:.2e} "
+                          f"gamma_max {ceiling:.3f} grad_norm {grad_norm:.3f} {tokens_per_sec:,.0f} tok/s")
+    except KeyboardInterrupt:
+        since = f"since the checkpoint at step {saved_step} will be redone with --resume=True" if saved_step is not None \
+            else "are lost: no checkpoint was saved yet"
+        raise TrainingStopped(f"interrupted at step {loader.step}; the {loader.step - (saved_step or 0)} steps {since}") \
+            from None
     if master:
         print(f"done: best target val loss {best['val_loss']:.4f} at epoch {best['epoch']:.2f}; "
               f"exported to {out_dir / 'best'}")
@@ -492,8 +602,10 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (FileNotFoundError, ValueError, TrainingStopped) as e:
+        if int(os.environ.get("RANK", 0)) == 0 or not isinstance(e, TrainingStopped):  # every rank stops alike
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             # The DDP wrapper sits in a reference cycle that holds the process group, and a group left

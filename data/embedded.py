@@ -1226,6 +1226,7 @@ def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, 
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from data.loader import DatasetWriter
+    from model import replace_durably
     from tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
@@ -1254,9 +1255,10 @@ def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, 
             for i, (_, text) in enumerate(library[parity::2]):
                 writer.add("val" if i % 50 == 0 else "train", tokenizer.encode(text))
     test_path = folders["math"] / "test.jsonl"
-    test_path.with_suffix(".tmp").write_text(
-        "".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in splits["test"]))
-    os.replace(test_path.with_suffix(".tmp"), test_path)
+    temporary = test_path.with_name(f"test.jsonl.{os.getpid()}.tmp")
+    temporary.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
+                                 for p in splits["test"]))
+    replace_durably(temporary, test_path)
     for name, folder in folders.items():
         counts = json.loads((folder / "meta.json").read_text())["splits"]
         print(f"{folder}: " + ", ".join(f"{s} {c['documents']:,} documents / {c['tokens']:,} tokens"

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import replace_durably
+
 FORMAT = "entrodrop-tokens-v1"
 
 
@@ -45,10 +47,13 @@ class DatasetWriter:
         self.folder, self.tokenizer, self.source, self.splits = Path(folder), tokenizer, source, splits
         self.files, self.counts = {}, {}
 
+    def _temporary(self, name):
+        return self.folder / f"{name}.{os.getpid()}.tmp"  # the pid: two writers never share a file
+
     def __enter__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         for split in self.splits:
-            self.files[split] = open(self.folder / f"{split}.bin.tmp", "wb")
+            self.files[split] = open(self._temporary(f"{split}.bin"), "wb")
             self.counts[split] = {"tokens": 0, "documents": 0, "max_token_id": -1, "digest": hashlib.sha256()}
         return self
 
@@ -68,32 +73,43 @@ class DatasetWriter:
         if error_type is not None:
             # A failed write leaves the folder as it was, so an earlier complete dataset stays usable.
             for split in self.files:
-                (self.folder / f"{split}.bin.tmp").unlink()
+                self._temporary(f"{split}.bin").unlink()
             return
         # The old meta.json goes before the new token files arrive: no reader may pair the two.
         (self.folder / "meta.json").unlink(missing_ok=True)
         for split in self.files:
-            os.replace(self.folder / f"{split}.bin.tmp", self.folder / f"{split}.bin")
+            replace_durably(self._temporary(f"{split}.bin"), self.folder / f"{split}.bin")
         t = self.tokenizer
         splits = {split: {**{k: v for k, v in c.items() if k != "digest"}, "sha256": c["digest"].hexdigest()}
                   for split, c in self.counts.items()}
         meta = {"format": FORMAT, "source": self.source, "splits": splits,
                 "tokenizer": {"name": t.name, "fingerprint": t.fingerprint, "eos_id": t.eos_id,
                               "vocab_size": t.vocab_size}}
-        tmp = self.folder / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, self.folder / "meta.json")
+        self._temporary("meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        replace_durably(self._temporary("meta.json"), self.folder / "meta.json")
 
 
 def load_meta(folder, tokenizer=None, vocab_size=None) -> dict:
-    """Read folder/meta.json, and check the data against the model's tokenizer and vocabulary."""
+    """Read folder/meta.json, and check the data against it (file sizes) and against the model's
+    tokenizer and vocabulary."""
     path = Path(folder) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: prepare the data first "
                                 "(python data/prepare.py ... or python data/embedded.py ...)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+        splits = meta["splits"]
+        sizes = {split: 4 * splits[split]["tokens"] for split in ("train", "val")}
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a valid meta.json ({type(e).__name__}: {e}); prepare the data again") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; prepare the data again")
+    for split, size in sizes.items():
+        file = Path(folder) / f"{split}.bin"
+        if not file.is_file() or file.stat().st_size != size:
+            found = f"{file.stat().st_size:,} bytes" if file.is_file() else "no file"
+            raise ValueError(f"{file}: meta.json records {size // 4:,} tokens ({size:,} bytes), found {found}; the "
+                             "file was truncated or replaced: prepare the data again")
     if tokenizer is not None and meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
         raise ValueError(f"{folder} was tokenized with {meta['tokenizer']['name']!r}, whose vocabulary differs "
                          f"from the model's tokenizer ({tokenizer.name!r}); prepare it again with --tokenizer "
@@ -106,8 +122,25 @@ def load_meta(folder, tokenizer=None, vocab_size=None) -> dict:
     return meta
 
 
-def read_windows(folder, split, seq_len, indices=None) -> np.ndarray:
-    """(n, seq_len + 1) int64 windows of folder/{split}.bin; all of them, or those at `indices`."""
+def verify_checksums(folder):
+    """Hash train.bin and val.bin against the sha256 in meta.json: same-sized files with other tokens
+    pass every other check. Reads every byte once (a few hundred MB/s on a CPU core)."""
+    meta = load_meta(folder)
+    for split in ("train", "val"):
+        file = Path(folder) / f"{split}.bin"
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        if digest.hexdigest() != meta["splits"][split]["sha256"]:
+            raise ValueError(f"{file} does not match the sha256 in its meta.json: the file changed after it was "
+                             "prepared; prepare the data again")
+
+
+def read_windows(folder, split, seq_len, indices=None, vocab_size=None) -> np.ndarray:
+    """(n, seq_len + 1) int64 windows of folder/{split}.bin; all of them, or those at `indices`.
+    With vocab_size, a token id outside the model's vocabulary is an error that names the file
+    (it would index past the embedding: an IndexError on a CPU, a device-side assert on a GPU)."""
     # A fresh memmap per call: holding one open across a long run leaks memory (as nanoGPT notes).
     path = Path(folder) / f"{split}.bin"
     # numpy cannot map an empty file, and an empty split (val_share 0) simply has no windows.
@@ -116,7 +149,12 @@ def read_windows(folder, split, seq_len, indices=None) -> np.ndarray:
         indices = range(count_windows(len(tokens), seq_len))
     rows = [tokens[i * seq_len:(i + 1) * seq_len + 1] for i in indices]
     # A split shorter than one window gives (0, seq_len + 1), for the caller to check, not a numpy error.
-    return np.stack(rows).astype(np.int64) if rows else np.zeros((0, seq_len + 1), np.int64)
+    windows = np.stack(rows).astype(np.int64) if rows else np.zeros((0, seq_len + 1), np.int64)
+    if vocab_size is not None and windows.size and windows.max() >= vocab_size:
+        row = int(np.argmax(windows.max(axis=1) >= vocab_size))
+        raise ValueError(f"{path} holds token id {int(windows[row].max())} in window {list(indices)[row]}, but the "
+                         f"model's vocabulary has {vocab_size} rows; prepare the data again with the model's tokenizer")
+    return windows
 
 
 def count_windows(n_tokens, seq_len) -> int:
@@ -133,8 +171,9 @@ class Batch:
 
 class MixtureLoader:
     def __init__(self, target_dir, general_dir, seq_len, global_batch_size, micro_batch_size,
-                 target_ratio, seed, rank=0, world_size=1):
+                 target_ratio, seed, rank=0, world_size=1, vocab_size=None):
         self.target_dir, self.general_dir, self.seq_len, self.seed = target_dir, general_dir, seq_len, seed
+        self.vocab_size = vocab_size  # each window read is checked against it
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
         if global_batch_size % (micro_batch_size * world_size):
@@ -218,7 +257,8 @@ class MixtureLoader:
             for flag, folder in ((True, self.target_dir), (False, self.general_dir)):
                 where = np.flatnonzero(target_mask == flag)
                 if len(where):
-                    windows[where] = read_windows(folder, "train", self.seq_len, [chunk[j][1] for j in where])
+                    windows[where] = read_windows(folder, "train", self.seq_len, [chunk[j][1] for j in where],
+                                                  self.vocab_size)
             windows = torch.from_numpy(windows)
             sample_index = torch.tensor([i if t else -1 for t, i in chunk])
             batches.append(Batch(windows[:, :-1], windows[:, 1:], sample_index, torch.from_numpy(target_mask)))

@@ -34,10 +34,16 @@ ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "assistant": "Assi
 
 
 def field(record, names, where, fmt):
-    """The first of `names` that the record has as a string."""
+    """The first of `names` that the record has, as text (a number is written out as one)."""
     for name in names:
-        if isinstance(record.get(name), str):
-            return record[name]
+        value = record.get(name)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if name in record:
+            raise ValueError(f"{where}: field {name!r} is a {type(value).__name__}, but format {fmt!r} reads text or "
+                             "a number from it; give --template to say how to write the record out")
     raise ValueError(f"{where}: the record has none of the fields {list(names)} that format {fmt!r} reads "
                      f"(it has {sorted(record)}); pick another --format or give --template")
 
@@ -57,9 +63,9 @@ def render(record, fmt, template, where) -> str:
     if template is not None:
         try:
             return template.format_map(record)
-        except KeyError as e:
-            raise ValueError(f"{where}: the record has no field {e} named in --template "
-                             f"(it has {sorted(record)})") from None
+        except (KeyError, IndexError, AttributeError, TypeError) as e:  # {a}, {a[3]}, {a.b}, {a[b]} not there
+            raise ValueError(f"{where}: --template names a field the record does not have ({type(e).__name__}: "
+                             f"{e}); the record's fields are {sorted(record)}") from None
     if fmt == "gsm8k":
         return f"Question: {field(record, ['question'], where, fmt)}\nAnswer: {field(record, ['answer'], where, fmt)}"
     if fmt == "numina":

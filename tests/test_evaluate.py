@@ -46,7 +46,7 @@ def test_batched_greedy_answers_equal_transformers_generate(smollm2, tiny_qwen3)
     questions = [p.question for p in generate_problems(5, seed=11)]
     for folder, shots, max_new_tokens in ((smollm2, 1, 40), (tiny_qwen3, 0, 24)):
         tokenizer = load_tokenizer(str(folder))
-        prompts = [evaluate.build_prompt(q, shots) for q in questions]
+        prompts = [evaluate.build_prompt(q, "embedded", shots) for q in questions]
         model = Transformer.from_pretrained(folder).eval()
         ours = evaluate.generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=5, progress=False)
         assert len({len(tokenizer.encode(p)) for p in prompts}) > 1  # the batch really is padded
@@ -54,7 +54,7 @@ def test_batched_greedy_answers_equal_transformers_generate(smollm2, tiny_qwen3)
 
 
 def test_answer_rules_on_real_answer_strings():
-    extract = evaluate.extract_answer
+    extract = lambda text: evaluate.extract_answer(text, "gsm8k")  # noqa: E731
     # GSM8K's own solutions (train set, first lines) and the shapes models write.
     assert extract("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 "
                    "clips altogether in April and May.\n#### 72") == "72"
@@ -78,9 +78,27 @@ def test_wilson_interval():
 
 
 def test_prompts_with_shots():
-    prompt = evaluate.build_prompt("What is 2 + 2?", 2)
+    prompt = evaluate.build_prompt("What is 2 + 2?", "gsm8k", 2)
     assert prompt.startswith("Question: There are 15 trees") and prompt.endswith("Question: What is 2 + 2?\nAnswer:")
     assert prompt.count("The answer is") == 2 and prompt.count("Question:") == 3
+    math = evaluate.build_prompt("Compute $1+1$.", "math", 4)
+    assert math.count("\\boxed{") == 4 and math.endswith("Problem: Compute $1+1$.\nSolution:")
+
+
+def test_math_answer_rules_on_real_answers():
+    """MATH test answers and the spellings models give for them."""
+    same = [("\\frac{14}{3}", "\\dfrac{14}{3}"), ("\\frac{1}{2}", "0.5"), ("\\frac12", "1/2"), ("10", "10\\text{ inches}"),
+            ("90", "90^\\circ"), ("18.90", "\\$18.90"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+            ("3", "x = 3"), ("[2,5)", "[2, 5)"), ("1000", "1,000"), ("2\\sqrt{5}", "2 \\sqrt5"), ("25\\%", "25"),
+            ("\\text{Evelyn}", "Evelyn"), ("-\\frac{2}{3}", "-\\frac{2}{3}.")]
+    for reference, answer in same:
+        assert evaluate.is_correct(answer, reference, "math"), (answer, reference)
+    for reference, answer in (("\\frac{14}{3}", "\\frac{3}{14}"), ("(3,\\frac{\\pi}{2})", "(3,\\frac{\\pi}{4})"), ("5", "-5")):
+        assert not evaluate.is_correct(answer, reference, "math"), (answer, reference)
+    generation = "We get $\\boxed{\\frac{a}{b}}$ first, then\n$$\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\nFinal Answer: The final"
+    assert evaluate.extract_answer(generation, "math") == "-\\frac{2}{3}"
+    assert evaluate.extract_answer("Final Answer: The final answer is $24$. I hope it is correct.", "math") == "24"
+    assert evaluate.extract_answer("so it is \\boxed{\\frac{1}{2", "math") is None  # cut short
 
 
 def write_jsonl(path, records):
@@ -91,7 +109,7 @@ def write_jsonl(path, records):
 def test_bad_problem_files(tmp_path):
     cases = [("not json", "{\"question\": ", "line 1 is not valid JSON", "embedded"),
              ("missing", json.dumps({"problem": "x", "answer": 1}), "line 1: format 'embedded' needs a string "
-              "'question' and an 'answer' \\(found \\['answer', 'problem'\\]\\)", "embedded"),
+              "'question' and 'answer' \\(found \\['answer', 'problem'\\]\\)", "embedded"),
              ("no hashes", json.dumps({"question": "x", "answer": "it is 4"}), "line 1: a GSM8K answer ends with", "gsm8k"),
              ("not a number", json.dumps({"question": "x", "answer": "four"}), "line 1: the answer 'four' is not a number",
               "embedded")]
@@ -135,6 +153,17 @@ def test_scores_json_holds_every_problem_and_a_crash_keeps_what_was_scored(tiny_
     assert scores["accuracy"] == sum(r["correct"] for r in scores["problems"]) / 10
 
 
+def test_a_run_folder_means_its_exports(tiny_qwen3, tmp_path):
+    run = tmp_path / "run"
+    for export in ("best", "epochs/10", "epochs/2"):
+        (run / export).mkdir(parents=True)
+        for item in tiny_qwen3.iterdir():
+            (run / export / item.name).write_bytes(item.read_bytes())
+    (run / "config.json").write_text(json.dumps({"method": "entrodrop"}))  # train.py's settings, not a model
+    assert evaluate.checkpoints_under(run) == [run / "best", run / "epochs" / "2", run / "epochs" / "10"]
+    assert evaluate.checkpoints_under(run / "best") == [run / "best"]
+
+
 def test_checkpoint_without_tokenizer_files_and_the_command_line(tiny_qwen3, tmp_path):
     folder = tmp_path / "no_tokenizer"
     folder.mkdir()
@@ -147,3 +176,31 @@ def test_checkpoint_without_tokenizer_files_and_the_command_line(tiny_qwen3, tmp
     result = subprocess.run([sys.executable, "evaluate.py", str(tmp_path), "--data", str(data), "--format", "embedded"],
                             cwd=ROOT, capture_output=True, text=True)
     assert "is neither a checkpoint folder" in result.stderr
+
+
+def test_lm_eval_agrees_with_evaluate_py_on_the_local_task(smollm2, tmp_path, monkeypatch):
+    """lm-eval's hf model on the shipped task eval/embedded.yaml, and evaluate.py, on the same
+    problems: the same generations word for word, and the same accuracy."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    model, tokenizer = Transformer.from_pretrained(smollm2).eval(), load_tokenizer(str(smollm2))
+    problems = generate_problems(8, seed=21)
+    first = evaluate.score(model, tokenizer, [{"question": p.question, "reference": str(p.answer)} for p in problems],
+                           "embedded", 0, 128, 8, progress=False)
+    # The base model rarely solves these: its own answer becomes the reference of every other problem,
+    # so that both scorers have right and wrong answers to agree on.
+    answers = [r["extracted"] if i % 2 and r["extracted"] else p.answer for i, (p, r) in enumerate(zip(problems, first))]
+    data = tmp_path / "out" / "real" / "data" / "math" / "test.jsonl"  # where the task file looks, from here
+    data.parent.mkdir(parents=True)
+    write_jsonl(data, [{"question": p.question, "answer": a} for p, a in zip(problems, answers)])
+    ours = evaluate.score(model, tokenizer, evaluate.read_problems(data, "embedded"), "embedded", 0, 128, 8,
+                          progress=False)
+    assert 0 < sum(r["correct"] for r in ours) < len(ours)
+    monkeypatch.chdir(tmp_path)
+    results = simple_evaluate(model="hf", model_args=f"pretrained={smollm2},dtype=float32", tasks=["embedded_problems"],
+                              task_manager=TaskManager(include_path=str(ROOT / "eval"), include_defaults=False),
+                              batch_size=8, device="cpu", log_samples=True)
+    samples = sorted(results["samples"]["embedded_problems"], key=lambda sample: sample["doc_id"])
+    assert [sample["resps"][0][0] for sample in samples] == [r["generation"] for r in ours]
+    accuracy = results["results"]["embedded_problems"]["exact_match,evaluate.py"]
+    assert accuracy == sum(r["correct"] for r in ours) / len(ours)

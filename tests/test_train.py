@@ -202,8 +202,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp
 def test_existing_run_with_other_settings_is_not_overwritten(workspace, tmp_path):
     out = tmp_path / "guard"
     train.main(args_for(workspace, out, method="baseline", max_steps=2))
-    guard(workspace, tmp_path, r"different settings \(learning_rate\)", method="baseline", max_steps=2,
-          learning_rate=1e-4)
+    guard(workspace, tmp_path, r"different settings \(learning_rate, min_lr\)", method="baseline", max_steps=2,
+          learning_rate=1e-4, min_lr=1e-4)
 
 
 def test_finished_run_is_reused_when_moved_or_when_an_unread_knob_changes(workspace, tmp_path, capsys):
@@ -264,4 +264,4 @@ def test_exports_every_few_epochs_and_at_the_end(workspace, tmp_path):
     state = final_state(out)["model"]
     assert all(torch.equal(p, state[n]) for n, p in final.named_parameters())  # the weights training ended with
     assert load_tokenizer(str(out / "epochs" / "2")).fingerprint == load_tokenizer("byte").fingerprint
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary folders left
