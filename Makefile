@@ -69,8 +69,9 @@ reproduce: $(VENV)/installed
 	echo "make reproduce took $$(( $$(date +%s) - start )) s"
 
 # SmolLM2's own tokens for the embedded problems -> the baseline -> EntroDrop and the matched-budget
-# random control, j0 read off the baseline -> greedy accuracy of the base model and of each run's
-# best and final models -> figures and out/real/results.md. One seed on a CPU; SEEDS_REAL="1 2 3" on a GPU.
+# random control, j0 read off the baseline -> greedy accuracy of the base model and of every export
+# (best by loss, epochs 2, 4, 6, 7) -> figures and out/real/results.md. One seed on a CPU;
+# SEEDS_REAL="1 2 3" on a GPU.
 real: $(SMOLLM2)/config.json
 	@start=$$(date +%s); set -e; \
 	$(PY) data/embedded.py --out out/real/data --tokenizer $(SMOLLM2) --n_train 64 --n_val 32 --n_test 48 --n_pool 0; \
@@ -81,7 +82,7 @@ real: $(SMOLLM2)/config.json
 	run entrodrop        --method=entrodrop; \
 	run entrodrop_random --method=entrodrop --targeting=random; \
 	for model in $(SMOLLM2) out/real/*/seed*; do \
-	    $(PY) evaluate.py $$model --data $(REAL_TEST) --format embedded --max_new_tokens 128; \
+	    $(PY) evaluate.py $$model --data $(REAL_TEST) --format embedded --max_new_tokens 128 --batch_size 48; \
 	done; \
 	$(PY) analyze.py out/real --variance_samples 16 > /dev/null; \
 	echo "results: out/real/results.md, figures: out/real/figures/"; \

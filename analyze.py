@@ -84,44 +84,62 @@ def summary(run):
             "general_at_best": run["general_val_loss"][best]}
 
 
-def accuracy_of(folder):
-    """(accuracy, n, interval95) from a checkpoint's scores.json (evaluate.py), or None."""
+def domain_accuracy(folder):
+    """A checkpoint's accuracy averaged over every set evaluate.py scored it on (the paper's domain
+    average), and those sets' scores; None if it has no finished scores."""
     path = Path(folder) / "scores.json"
-    if not path.is_file():
-        return None
-    scores = json.loads(path.read_text())
-    return None if scores["partial"] else (scores["accuracy"], scores["n"], scores["interval95"])
+    sets = [s for s in json.loads(path.read_text()).values() if not s["partial"]] if path.is_file() else []
+    return (float(np.mean([s["accuracy"] for s in sets])), sets) if sets else None
 
 
-def final_export(run):
-    """The last epochs/<epoch>/ export of a run: the model it ended with."""
-    exports = sorted((p for p in (run["folder"] / "epochs").glob("*") if (p / "config.json").is_file()),
-                     key=lambda p: float(p.name))
-    return exports[-1] if exports else None
+def exports(run):
+    """[(epoch, folder)] of a run's epochs/<epoch>/ exports, in epoch order."""
+    folders = [p for p in (run["folder"] / "epochs").glob("*") if (p / "model.safetensors").is_file() or
+               (p / "model.safetensors.index.json").is_file()]
+    return sorted((float(p.name), p) for p in folders)
+
+
+def accuracy_summary(run):
+    """Accuracy of the best export by validation loss, of the final one, and Table 1's rule: the export
+    with the highest domain-average accuracy ("the checkpoint with the highest domain-average score";
+    the earliest on a tie). Each value is (accuracy, sets) or None."""
+    best_epoch = float(run["epoch"][int(np.nanargmin(run["val_loss"]))])
+    candidates = [*exports(run), (best_epoch, run["folder"] / "best")]
+    scored = [(domain_accuracy(folder), epoch) for epoch, folder in candidates if domain_accuracy(folder)]
+    chosen = max(scored, key=lambda item: (item[0][0], -item[1])) if scored else (None, None)
+    return {"best_by_loss": domain_accuracy(run["folder"] / "best"),
+            "final": domain_accuracy(exports(run)[-1][1]) if exports(run) else None,
+            "highest": chosen[0], "highest_epoch": chosen[1]}
 
 
 def accuracy_cell(results):
-    """Mean accuracy over seeds, with the 95% interval when there is one seed."""
+    """Mean accuracy over seeds; with one seed and one set, its 95% interval and size."""
     results = [r for r in results if r is not None]
     if not results:
         return "–"
-    if len(results) == 1:
-        accuracy, n, (low, high) = results[0]
-        return f"{accuracy:.1%} ({low:.0%}–{high:.0%}, n = {n})"
-    return f"{mean_std([r[0] for r in results], digits=1, percent=True)} (n = {results[0][1]} each)"
+    if len(results) == 1 and len(results[0][1]) == 1:
+        scores = results[0][1][0]
+        low, high = scores["interval95"]
+        return f"{scores['accuracy']:.1%} ({low:.0%}–{high:.0%}, n = {scores['n']})"
+    return mean_std([accuracy for accuracy, _ in results], digits=1, percent=True)
 
 
 def accuracy_section(groups, names, base_folder):
-    rows = [[label(name), accuracy_cell([accuracy_of(r["folder"] / "best") for r in groups[name]]),
-             accuracy_cell([accuracy_of(final_export(r)) if final_export(r) else None for r in groups[name]])]
-            for name in names]
+    rows = []
+    for name in names:
+        summaries = [accuracy_summary(run) for run in groups[name]]
+        epochs = [s["highest_epoch"] for s in summaries if s["highest_epoch"] is not None]
+        rows.append([label(name), *(accuracy_cell([s[key] for s in summaries]) for key in ("best_by_loss", "final",
+                                                                                         "highest")),
+                     mean_std(epochs, digits=1) if epochs else "–"])
     if all(cell == "–" for row in rows for cell in row[1:]):
         return []
-    rows.insert(0, ["base model", accuracy_cell([accuracy_of(base_folder)]), ""])
+    rows.insert(0, ["base model", accuracy_cell([domain_accuracy(base_folder)]), "", "", ""])
     return ["## Answer accuracy (greedy decoding, held-out problems)", "",
-            "From scores.json beside each checkpoint (evaluate.py): the best checkpoint by target validation "
-            "loss and the final one; 95% Wilson interval in brackets.", "",
-            table(["model", "best by val loss", "final"], rows), ""]
+            "From scores.json beside each export (evaluate.py), averaged over its sets: the export that is best "
+            "by target validation loss, the final one, and the one with the highest accuracy (the paper's rule, "
+            "Table 1), with its epoch. One seed: 95% Wilson interval and the number of problems in brackets.", "",
+            table(["model", "best by val loss", "final", "highest over exports", "its epoch"], rows), ""]
 
 
 def mean_std(values, digits=3, percent=False):
@@ -146,15 +164,37 @@ def plot_curves(ax, runs, key, name, color=None, style="-"):
                         color=line.get_color(), alpha=0.2)
 
 
-def figure_methods(groups, names, title, path):
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+def figure_methods(groups, names, title, path, base_folder=None):
+    """Target validation loss against epochs; beside it, when exports were scored, the accuracy of
+    each export (mean over seeds), starting from the base model's at epoch 0, as the paper draws it."""
+    points = {name: accuracy_curve(groups[name], base_folder) for name in names}
+    with_accuracy = any(len(curve) > 1 for curve in points.values())
+    fig, axes = plt.subplots(1, 2 if with_accuracy else 1, figsize=(12 if with_accuracy else 7, 4.2), squeeze=False)
     for name in names:
-        plot_curves(ax, groups[name], "val_loss", label(name))
-    ax.set(xlabel="target epoch", ylabel="target validation loss (nats/token)", title=title)
-    ax.legend()
+        plot_curves(axes[0, 0], groups[name], "val_loss", label(name))
+    axes[0, 0].set(xlabel="target epoch", ylabel="target validation loss (nats/token)", title=title)
+    axes[0, 0].legend()
+    if with_accuracy:
+        for name, curve in points.items():
+            axes[0, 1].plot(*zip(*curve), "o-", label=label(name), lw=1.6)
+        axes[0, 1].set(xlabel="target epoch", ylabel="answer accuracy", title="accuracy of each export")
+        axes[0, 1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def accuracy_curve(runs, base_folder):
+    """[(epoch, accuracy)]: the base model's at 0, then each export epoch scored in every seed (mean)."""
+    base = domain_accuracy(base_folder) if base_folder else None
+    by_epoch = {}
+    for run in runs:
+        for epoch, folder in exports(run):
+            scored = domain_accuracy(folder)
+            if scored:
+                by_epoch.setdefault(epoch, []).append(scored[0])
+    curve = [(epoch, float(np.mean(values))) for epoch, values in sorted(by_epoch.items()) if len(values) == len(runs)]
+    return ([(0.0, base[0])] if base else []) + curve
 
 
 def figure_groups(groups, names, title, path):
@@ -333,15 +373,24 @@ def table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
-def summary_rows(groups, names):
+SUMMARY_HEADER = ["min val loss", "best epoch", "final val loss", "rise after best", "low-entropy loss",
+                  "high-entropy loss", "general val loss at best"]
+
+
+def summary_table(groups, names, first_column="method"):
+    """The loss summary of each setting, and the accuracy by the paper's rule (the export with the
+    highest accuracy) when its exports were scored."""
+    accuracy = any(accuracy_summary(run)["highest"] for name in names for run in groups[name])
     rows = []
     for name in names:
         s = [summary(run) for run in groups[name]]
-        col = lambda key, **kw: mean_std([x[key] for x in s], **kw)
+        col = lambda key, **kw: mean_std([x[key] for x in s], **kw)  # noqa: E731
         rows.append([label(name), len(s), col("min_val_loss"), col("best_epoch", digits=1), col("final_val_loss"),
                      col("rise", digits=1, percent=True), f"{col('low_at_best')} → {col('low_final')}",
                      f"{col('high_at_best')} → {col('high_final')}", col("general_at_best")])
-    return rows
+        if accuracy:
+            rows[-1].append(accuracy_cell([accuracy_summary(run)["highest"] for run in groups[name]]))
+    return table([first_column, "seeds", *SUMMARY_HEADER, *(["accuracy (highest export)"] if accuracy else [])], rows)
 
 
 def main(argv=None):
@@ -359,10 +408,9 @@ def main(argv=None):
               "Low/high: loss on the base model's 50% most / 25% least confident validation tokens, "
               "at the best epoch → at the last epoch. Mean ± std over seeds where there are several.", ""]
 
+    base_model = groups.get("entrodrop", groups["baseline"])[0]["config"]["init_from"]
     methods = [n for n in METHODS if n in groups]
-    report += ["## Methods", "", table(["method", "seeds", "min val loss", "best epoch", "final val loss",
-                                        "rise after best", "low-entropy loss", "high-entropy loss",
-                                        "general val loss at best"], summary_rows(groups, methods)), ""]
+    report += ["## Methods", "", summary_table(groups, methods), ""]
     base = [summary(run) for run in groups["baseline"]]
     rise = np.mean([s["final_val_loss"] - s["min_val_loss"] for s in base])
     if rise > 0:  # the groups hold 50% and 25% of the validation targets
@@ -371,7 +419,7 @@ def main(argv=None):
         report += [f"Of the baseline's rise in target validation loss after its best epoch, the high-entropy "
                    f"quarter of the tokens accounts for {high:.0%} and the low-entropy half for {low:.0%}.", ""]
     figure_groups(groups, ["baseline"], "Fig. 1c: baseline, loss by base-model entropy group", figures / "fig1c.png")
-    figure_methods(groups, methods, "Fig. 2a: target validation loss, every method", figures / "fig2a.png")
+    figure_methods(groups, methods, "Fig. 2a: target validation loss, every method", figures / "fig2a.png", base_model)
     report += ["![Fig. 1c](figures/fig1c.png)", "", "![Fig. 2a](figures/fig2a.png)", ""]
     if "entrodrop" in groups:
         figure_groups(groups, ["baseline", "entrodrop"], "Fig. 4: baseline (solid) vs EntroDrop (dashed)",
@@ -380,35 +428,33 @@ def main(argv=None):
     if "entrodrop_fixed" in groups:
         names = ["baseline", "entrodrop", *sorted(n for n in groups if n.startswith("entrodrop_midpoint")),
                  "entrodrop_fixed"]
-        figure_methods(groups, names, "Fig. 2b: curriculum vs fixed ratio", figures / "fig2b.png")
-        report += ["## Curriculum vs fixed ratio (Fig. 2b)", "", table(
-            ["run", "seeds", "min val loss", "best epoch", "final val loss", "rise after best", "low-entropy loss",
-             "high-entropy loss", "general val loss at best"], summary_rows(groups, names)), "",
-            "![Fig. 2b](figures/fig2b.png)", ""]
+        figure_methods(groups, names, "Fig. 2b: curriculum vs fixed ratio", figures / "fig2b.png", base_model)
+        report += ["## Curriculum vs fixed ratio (Fig. 2b)", "", summary_table(groups, names, "run"), "",
+                   "![Fig. 2b](figures/fig2b.png)", ""]
     targeting = [n for n in ("entrodrop_random", "entrodrop_high", "entrodrop", "token_dropout") if n in groups]
     if "entrodrop_random" in groups or "entrodrop_high" in groups:
         report += ["## Table 3: which tokens to mask", "",
                    "Random share, high and low entropy gate the same number of tokens (matched expected "
                    "masking); token dropout over all tokens masks twice as many.", "",
-                   table(["targeting", "seeds", "min val loss", "best epoch", "final val loss", "rise after best",
-                          "low-entropy loss", "high-entropy loss", "general val loss at best"],
-                         summary_rows(groups, targeting)), ""]
+                   summary_table(groups, targeting, "targeting"), ""]
     sweep = sorted((n for n in groups if n.startswith("entrodrop_gamma") or n == "entrodrop"),
                    key=lambda n: groups[n][0]["config"]["gamma_max"])
     if len(sweep) > 1:
+        accuracy = any(accuracy_summary(run)["highest"] for n in sweep for run in groups[n])
         rows = [[f"gamma_max {groups[n][0]['config']['gamma_max']:g}" if n != "baseline" else "baseline",
                  mean_std([summary(r)["best_epoch"] for r in groups[n]], digits=1),
-                 mean_std([summary(r)["min_val_loss"] for r in groups[n]])] for n in ["baseline", *sweep]]
-        report += ["## Table 4: gamma_max", "", table(["run", "best epoch", "min val loss"], rows), ""]
+                 mean_std([summary(r)["min_val_loss"] for r in groups[n]]),
+                 *([accuracy_cell([accuracy_summary(r)["highest"] for r in groups[n]])] if accuracy else [])]
+                for n in ["baseline", *sweep]]
+        report += ["## Table 4: gamma_max", "", table(["run", "best epoch", "min val loss",
+                                                        *(["accuracy (highest export)"] if accuracy else [])], rows), ""]
     if "entrodrop_zero_fill" in groups:
-        report += ["## Appendix A.3: mean vs zero fill", "", table(
-            ["run", "seeds", "min val loss", "best epoch", "final val loss", "rise after best", "low-entropy loss",
-             "high-entropy loss", "general val loss at best"],
-            summary_rows(groups, ["entrodrop", "entrodrop_zero_fill"])), ""]
+        report += ["## Appendix A.3: mean vs zero fill", "",
+                   summary_table(groups, ["entrodrop", "entrodrop_zero_fill"], "run"), ""]
 
     reference = groups.get("entrodrop", groups["baseline"])[0]["config"]
     if reference["init_from"] != "scratch":
-        report += accuracy_section(groups, [n for n in (*METHODS, *ABLATIONS) if n in groups], reference["init_from"])
+        report += accuracy_section(groups, [n for n in (*METHODS, *ABLATIONS) if n in groups], base_model)
         figure_entropy_text(reference, figures / "fig2c.png")
         report += ["## Fig. 2c: entropy of each token of a validation problem", "", "![Fig. 2c](figures/fig2c.png)", ""]
         report += entropy_report(reference, figures)

@@ -181,6 +181,46 @@ def peak_memory(what, config, batch, seq_len, device, dtype):
     return result
 
 
+def generation_rows(config, device, autocast, rows=8, new_tokens=24):
+    """evaluate.py's greedy decoding: prompts of different lengths, left-padded into one batch, against
+    the same prompts one at a time, and against transformers' generate on the same padded batch."""
+    ours, theirs, _ = model_pair(config, device, compile_models=False)
+    ours.eval(), theirs.eval()
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, config.vocab_size, (n,), device=device) for n in range(24, 24 + 6 * rows, 6)]
+    width = max(len(p) for p in prompts)
+    pad_lengths = torch.tensor([width - len(p) for p in prompts], device=device)
+    idx = torch.stack([torch.cat((p.new_zeros(width - len(p)), p)) for p in prompts])
+    attention_mask = (torch.arange(width, device=device) >= pad_lengths[:, None]).long()
+
+    @torch.no_grad()
+    def batched():
+        with autocast:
+            ours.generate(idx, new_tokens, pad_lengths=pad_lengths)
+
+    @torch.no_grad()
+    def one_at_a_time():
+        with autocast:
+            for prompt in prompts:
+                ours.generate(prompt[None], new_tokens)
+
+    @torch.no_grad()
+    def transformers_batched():  # min_new_tokens: the same number of steps, whatever the random weights emit
+        with autocast:
+            theirs.generate(idx, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            do_sample=False, pad_token_id=0)
+
+    tokens = rows * new_tokens
+    label = f"SmolLM2-135M shape: greedy generation, {rows} prompts x {new_tokens} new tokens"
+    t_batched, t_single, ratio = paired(batched, one_at_a_time, device, repeats=3)
+    found = [(f"{label}, tokens/s batched | one at a time", f"{tokens / t_batched:,.0f} | {tokens / t_single:,.0f}",
+              f"{ratio:.2f}x")]
+    t_batched, t_theirs, ratio = paired(batched, transformers_batched, device, repeats=5)
+    found.append((f"{label}, tokens/s ours | transformers generate", f"{tokens / t_batched:,.0f} | {tokens / t_theirs:,.0f}",
+                  f"{ratio:.2f}x"))
+    return found
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -249,6 +289,8 @@ def main():
         rows.append((f"{label}: EntroDrop's additions alone (mask, fill fwd+bwd)",
                      f"{t_added * 1e3:,.2f} ms vs {t_base * 1e3:,.1f} ms", f"+{t_added / t_base:.2%}"))
         del ours, theirs, raw
+
+    rows += generation_rows(MODEL_SIZES["SmolLM2-135M"], device, autocast)
 
     memory_config = replace(qwen, num_hidden_layers=2 if not gpu else qwen.num_hidden_layers)
     logits_bytes = lambda seq: seq * memory_config.vocab_size * 4

@@ -6,10 +6,11 @@ Answer accuracy by greedy decoding, the paper's main metric, for saved checkpoin
     torchrun --nproc_per_node=8 evaluate.py out/q06/entrodrop --data gsm8k_test.jsonl --format gsm8k
 
 PATH is a Hugging Face folder with tokenizer files, or a run folder of train.py, whose exports
-(best/ and epochs/<epoch>/) are each scored. Beside each checkpoint goes scores.json: the
-accuracy with a 95% Wilson interval and, for every problem, the exact prompt, the generation,
-the extracted and the reference answer, so that any prompt can be re-run elsewhere. It is
-rewritten after every batch, and a rerun continues where it stopped.
+(best/ and epochs/<epoch>/) are each scored. Beside each checkpoint goes scores.json, with an
+entry per set (named by --set_name, by default the data file's stem, so that several domains can
+be averaged as the paper does): the accuracy with a 95% Wilson interval and, for every problem,
+the exact prompt, the generation, the extracted and the reference answer, so that any prompt can
+be re-run elsewhere. It is rewritten after every few batches, and a rerun continues where it stopped.
 
 Formats (one JSON object per line):
     embedded  question, answer (a number)              the problems of data/embedded.py
@@ -324,12 +325,14 @@ def write_json(path, obj):
     replace_durably(temporary, path)
 
 
-def evaluate_checkpoint(folder, problems, settings, batch_size, rank=0, world_size=1) -> dict:
-    """Score one checkpoint, continuing from its scores.json when that has the same settings and
-    was computed from the same weights (best/ is rewritten while a run trains)."""
+def evaluate_checkpoint(folder, problems, set_name, settings, batch_size, rank=0, world_size=1) -> dict:
+    """Score one checkpoint on one set, continuing from its entry in scores.json when that has the
+    same settings and was computed from the same weights (best/ is rewritten while a run trains).
+    scores.json holds one entry per set, so that a checkpoint can be scored on several domains."""
     settings = {**settings, "checkpoint": checkpoint_fingerprint(folder)}
     path = folder / "scores.json"
-    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    every_set = json.loads(path.read_text()) if path.is_file() else {}
+    earlier = every_set.get(set_name, {})
     done = earlier.get("problems", []) if earlier.get("settings") == settings else []
     if len(done) < len(problems):
         tokenizer = load_tokenizer(str(folder))
@@ -347,11 +350,12 @@ def evaluate_checkpoint(folder, problems, settings, batch_size, rank=0, world_si
                 mine = [gathered[j % world_size][j // world_size] for j in range(len(part))]
             done += mine
             if rank == 0:
-                write_json(path, summary(done, settings, partial=len(done) < len(problems)))
-    result = summary(done, settings, partial=False)
+                every_set[set_name] = summary(done, settings, partial=len(done) < len(problems))
+                write_json(path, every_set)
+    every_set[set_name] = summary(done, settings, partial=False)
     if rank == 0:
-        write_json(path, result)
-    return result
+        write_json(path, every_set)
+    return every_set[set_name]
 
 
 def summary(records, settings, partial) -> dict:
@@ -368,6 +372,7 @@ def main(argv=None):
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--shots", type=int, default=0,
                         help=f"worked examples before each question (0-{len(EXEMPLARS)}; math: 0-{len(MATH_EXEMPLARS)})")
+    parser.add_argument("--set_name", default="", help="the set's name in scores.json (default: the data file's stem)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N problems (0: all)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
@@ -388,7 +393,8 @@ def main(argv=None):
     settings = {"data_sha256": digest, "format": args.format, "shots": args.shots, "limit": args.limit,
                 "max_new_tokens": args.max_new_tokens}
     for folder in folders:
-        result = evaluate_checkpoint(folder, problems, settings, args.batch_size, rank, world_size)
+        result = evaluate_checkpoint(folder, problems, args.set_name or Path(args.data).stem, settings,
+                                     args.batch_size, rank, world_size)
         if rank == 0:
             low, high = result["interval95"]
             print(f"{folder}: accuracy {result['accuracy']:.1%} ({result['correct']}/{result['n']}, "

@@ -1,13 +1,16 @@
 """analyze.py's Theorem 1 check: the running variance it keeps against every gradient stacked."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from analyze import gradient_variance
+from analyze import accuracy_cell, accuracy_curve, accuracy_summary, domain_accuracy, exports, gradient_variance
 from data.loader import read_windows
 from dropout import gate
 from entropy import build_entropy_cache, cache_header, load_entropy_cache
+from evaluate import wilson_interval
 from model import Transformer
 from test_train import workspace  # noqa: F401 (the fixture: a tiny base checkpoint and data folders)
 
@@ -40,3 +43,33 @@ def test_gradient_variance_equals_the_variance_of_stacked_gradients(workspace, t
         g = torch.stack(gradients)  # (samples, parameters)
         assert variance == pytest.approx(((g - g.mean(0)) ** 2).sum(1).mean().item(), rel=1e-9)
     assert len(set(variances)) == len(gammas)  # the masks change the gradients
+
+
+def write_scores(folder, accuracies):
+    """A scores.json as evaluate.py writes it: one finished entry per set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    entries = {name: {"partial": False, "accuracy": accuracy, "n": 10, "correct": round(10 * accuracy),
+                      "interval95": list(wilson_interval(round(10 * accuracy), 10)), "problems": []}
+               for name, accuracy in accuracies.items()}
+    (folder / "scores.json").write_text(json.dumps(entries))
+
+
+def test_the_papers_rule_takes_the_export_with_the_highest_domain_average(tmp_path):
+    """Table 1: "the checkpoint with the highest domain-average score", beside the best by loss."""
+    run = {"folder": tmp_path / "run", "epoch": np.array([0.0, 1.0, 2.0, 3.0]),
+           "val_loss": np.array([2.0, 1.5, 1.6, 1.9])}  # best by loss at epoch 1
+    write_scores(run["folder"] / "best", {"math": 0.2, "code": 0.4})
+    write_scores(run["folder"] / "epochs" / "2", {"math": 0.5, "code": 0.3})   # average 0.4: the highest
+    write_scores(run["folder"] / "epochs" / "3", {"math": 0.6, "code": 0.2})   # average 0.4: a tie, later
+    write_scores(run["folder"] / "epochs" / "1", {"math": 0.2, "code": 0.4})
+    (run["folder"] / "epochs" / "10").mkdir()                                  # not scored, no weights
+    chosen = accuracy_summary(run)
+    assert chosen["highest"][0] == pytest.approx(0.4) and chosen["highest_epoch"] == 2.0
+    assert chosen["best_by_loss"][0] == pytest.approx(0.3) and chosen["final"][0] == pytest.approx(0.4)
+    assert [epoch for epoch, _ in exports(run)] == [1.0, 2.0, 3.0]
+    assert accuracy_curve([run], None) == [(1.0, pytest.approx(0.3)), (2.0, pytest.approx(0.4)),
+                                           (3.0, pytest.approx(0.4))]
+    assert accuracy_cell([domain_accuracy(run["folder"] / "best")]) == "30.0%"  # two sets: their mean
+    write_scores(tmp_path / "one", {"math": 0.5})
+    assert accuracy_cell([domain_accuracy(tmp_path / "one")]) == "50.0% (24%–76%, n = 10)"

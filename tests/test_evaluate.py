@@ -141,11 +141,11 @@ def test_scores_json_holds_every_problem_and_a_crash_keeps_what_was_scored(tiny_
     monkeypatch.setattr(evaluate, "score", crash_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(args)
-    partial = json.loads((folder / "scores.json").read_text())
+    partial = json.loads((folder / "scores.json").read_text())["test"]  # the set is named after its file
     assert partial["partial"] and partial["n"] == 8  # the first chunk of 4 x batch_size
     monkeypatch.setattr(evaluate, "score", real_score)
     evaluate.main(args)
-    scores = json.loads((folder / "scores.json").read_text())
+    scores = json.loads((folder / "scores.json").read_text())["test"]
     assert not scores["partial"] and scores["n"] == 10 and scores["problems"][:8] == partial["problems"]
     record = scores["problems"][0]
     assert set(record) == {"prompt", "generation", "extracted", "reference", "correct"}
