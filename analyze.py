@@ -84,12 +84,24 @@ def summary(run):
             "general_at_best": run["general_val_loss"][best]}
 
 
-def domain_accuracy(folder):
-    """A checkpoint's accuracy averaged over every set evaluate.py scored it on (the paper's domain
-    average), and those sets' scores; None if it has no finished scores."""
+def domain_accuracy(folder, names=None):
+    """A checkpoint's accuracy averaged over the sets evaluate.py scored it on (the paper's domain
+    average), only those in `names` if given, and those sets' scores; None if none is finished."""
     path = Path(folder) / "scores.json"
-    sets = [s for s in json.loads(path.read_text()).values() if not s["partial"]] if path.is_file() else []
+    every_set = json.loads(path.read_text()) if path.is_file() else {}
+    sets = [s for name, s in every_set.items() if not s["partial"] and (names is None or name in names)]
     return (float(np.mean([s["accuracy"] for s in sets])), sets) if sets else None
+
+
+def run_set_names(runs):
+    """The names of the sets the runs' exports were scored on: the base model, shared by studies on
+    other sets, is averaged over these alone."""
+    names = set()
+    for run in runs:
+        for _, folder in [*exports(run), (None, run["folder"] / "best")]:
+            if (folder / "scores.json").is_file():
+                names |= set(json.loads((folder / "scores.json").read_text()))
+    return names
 
 
 def exports(run):
@@ -134,7 +146,8 @@ def accuracy_section(groups, names, base_folder):
                      mean_std(epochs, digits=1) if epochs else "–"])
     if all(cell == "–" for row in rows for cell in row[1:]):
         return []
-    rows.insert(0, ["base model", accuracy_cell([domain_accuracy(base_folder)]), "", "", ""])
+    names_scored = run_set_names([run for name in names for run in groups[name]])
+    rows.insert(0, ["base model", accuracy_cell([domain_accuracy(base_folder, names_scored)]), "", "", ""])
     return ["## Answer accuracy (greedy decoding, held-out problems)", "",
             "From scores.json beside each export (evaluate.py), averaged over its sets: the export that is best "
             "by target validation loss, the final one, and the one with the highest accuracy (the paper's rule, "
@@ -186,7 +199,7 @@ def figure_methods(groups, names, title, path, base_folder=None):
 
 def accuracy_curve(runs, base_folder):
     """[(epoch, accuracy)]: the base model's at 0, then each export epoch scored in every seed (mean)."""
-    base = domain_accuracy(base_folder) if base_folder else None
+    base = domain_accuracy(base_folder, run_set_names(runs)) if base_folder else None
     by_epoch = {}
     for run in runs:
         for epoch, folder in exports(run):

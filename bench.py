@@ -229,7 +229,11 @@ def main():
     parser.add_argument("--layers", type=int, default=0, help="Qwen3-0.6B layers (default: 2 on CPU, 28 on GPU)")
     parser.add_argument("--seq_len", type=int, default=0, help="Qwen3-0.6B sequence (default: 512 on CPU, 4096 on GPU)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes and one repeat everywhere: shows only that every row runs (gpu_check.py --dry)")
     args = parser.parse_args()
+    if args.smoke:
+        args.layers, args.seq_len, args.repeats = 1, 64, 1
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype)
@@ -245,10 +249,11 @@ def main():
 
     rows = []
     # (label, config, rows, tokens per row, every row of the table or only the speed against transformers)
-    sizes = (("demo (0.33M, vocab 257)", DEMO, 10, 256, True),
+    smol = replace(MODEL_SIZES["SmolLM2-135M"], num_hidden_layers=2) if args.smoke else MODEL_SIZES["SmolLM2-135M"]
+    sizes = (("demo (0.33M, vocab 257)", DEMO, *((2, 64) if args.smoke else (10, 256)), True),
              (f"Qwen3-0.6B shape, {qwen.num_hidden_layers} layers", qwen, qwen_batch, qwen_seq, True),
-             ("SmolLM2-135M shape (the real model of make real)", MODEL_SIZES["SmolLM2-135M"], *((8, 2048) if gpu else (4, 256)),
-              False))
+             (f"SmolLM2-135M shape, {smol.num_hidden_layers} layers (the real model of make real)", smol,
+              *((1, 32) if args.smoke else (8, 2048) if gpu else (4, 256)), False))
     for label, config, batch, seq_len, every_row in sizes:
         ours, theirs, raw = model_pair(config, device, args.compile)
         window = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
@@ -275,7 +280,7 @@ def main():
         scores[:, 0] = float("nan")
         counter = iter(range(10**9))
         # The two sides differ by ~1%, well inside one pair's noise: take a minute's worth of pairs.
-        pairs = max(args.repeats, int(30 / t_train))
+        pairs = args.repeats if args.smoke else max(args.repeats, int(30 / t_train))
         t_base, t_drop, ratio = paired(lambda: train_step(ours, False, inputs, targets, autocast),
                                        lambda: entrodrop_step(ours, inputs, targets, scores, next(counter), autocast),
                                        device, pairs)
@@ -290,11 +295,11 @@ def main():
                      f"{t_added * 1e3:,.2f} ms vs {t_base * 1e3:,.1f} ms", f"+{t_added / t_base:.2%}"))
         del ours, theirs, raw
 
-    rows += generation_rows(MODEL_SIZES["SmolLM2-135M"], device, autocast)
+    rows += generation_rows(smol, device, autocast, *((2, 4) if args.smoke else ()))
 
     memory_config = replace(qwen, num_hidden_layers=2 if not gpu else qwen.num_hidden_layers)
     logits_bytes = lambda seq: seq * memory_config.vocab_size * 4
-    entropy_seq, train_seq = 4096, (4096 if gpu else 1024)
+    entropy_seq, train_seq = (256, 256) if args.smoke else (4096, 4096 if gpu else 1024)
     extra = peak_memory("entropy", memory_config, 1, entropy_seq, device, dtype)
     rows.append((f"entropy pass extra peak memory, vocab 151,936, seq {entropy_seq}",
                  f"{extra / 2**30:.2f} GiB", f"{extra / logits_bytes(entropy_seq):.2f}x one fp32 logits"))

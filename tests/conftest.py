@@ -26,3 +26,18 @@ def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
     convert(smollm2_gguf, folder)
     return folder
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (make gpu-check runs these); skipped elsewhere")
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a machine without a GPU the CUDA tests are skipped, and reported as skipped."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device: make gpu-check runs these on a GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -52,9 +52,9 @@ def args_for(workspace, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in settings.items()]
 
 
-def run(args, torchrun=False, check=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
-        else [sys.executable]
+def run(args, torchrun=False, check=True, nproc=2):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if torchrun else [sys.executable]
     result = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
