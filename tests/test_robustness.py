@@ -43,7 +43,7 @@ def strip_timing(rows):
 # ---- 1. one run per folder --------------------------------------------------------------------
 
 def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_is_untouched(workspace, tmp_path):
-    settings = dict(method="baseline", max_steps=40, eval_interval=10)
+    settings = dict(method="baseline", max_steps=150, eval_interval=50)
     run(args_for(workspace, tmp_path / "alone", **settings))
     first = start(args_for(workspace, tmp_path / "shared", **settings))
     wait_for_step(tmp_path / "shared", 2, first)
@@ -299,10 +299,11 @@ def test_renamed_files_are_on_disk_first_and_follow_the_umask(tmp_path, monkeypa
 
 def test_sigint_says_in_one_line_how_many_steps_will_be_redone(workspace, tmp_path):
     out = tmp_path / "run"
-    process = start(args_for(workspace, out, method="baseline", max_steps=400, eval_interval=0, checkpoint_interval=5))
+    process = start(args_for(workspace, out, method="baseline", max_steps=10**6, eval_interval=0, checkpoint_interval=5))
     wait_for_step(out, 8, process)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate()
+    stdout, stderr = process.communicate()
+    assert process.returncode == 1, (process.returncode, stdout[-2000:], stderr[-2000:])
     saved = torch.load(out / "ckpt.pt", weights_only=False)["loader"]["step"]
     line = stderr.strip().splitlines()[-1]  # after the entropy cache's progress bar, if it was built
     assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr
