@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from checkpoint import load_training_state  # noqa: E402
 from data.loader import read_windows  # noqa: E402
 from dropout import gate  # noqa: E402
 from entropy import cache_header, default_cache_path, load_entropy_cache  # noqa: E402
@@ -65,7 +66,7 @@ def load_runs(root):
         name = folder.parent.name if re.fullmatch(r"seed\d+", folder.name) else folder.name
         evals = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "eval"]
         config = json.loads((folder / "config.json").read_text())
-        if not evals or not (folder / "ckpt.pt").exists():
+        if not evals or not (folder / "ckpt" / "train_state.pt").exists():
             continue
         run = {"config": config, "folder": folder, "epoch": np.array([r["epoch"] for r in evals])}
         for key in CURVES:
@@ -315,14 +316,14 @@ def entropy_report(config, figures, top=12):
 def gradient_variance(config, gammas, samples, checkpoint=None, seed=0):
     """Empirical variance of the per-window gradient, E||g - E g||^2 over windows and masks, for
     EntroDrop masks that drop each gated token with probability gamma (Eq. 3), at each gamma, with
-    the base model's weights (where continual pre-training starts) or, given a run's ckpt.pt, the
+    the base model's weights (where continual pre-training starts) or, given a run's ckpt/ folder, the
     weights it ended with. The same windows and mask draws are used for both. Runs on a GPU when
     there is one. Returns the variances and alpha, the gated share of tokens (Theorem 1's
     sum_t g_t / T), so that the masking rate of each point is gamma * alpha."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Transformer.from_pretrained(config["init_from"], device=device)
     if checkpoint is not None:
-        model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=False)["model"])
+        load_training_state(checkpoint, model)
     header = cache_header(config["init_from"], config["target_data"], config["seq_len"])
     cache_path = config["entropy_cache"] or default_cache_path(config["target_data"], header["model"], config["seq_len"])
     scores = load_entropy_cache(cache_path, header, "run train.py once to build it")["train_entropy"]
@@ -475,7 +476,7 @@ def main(argv=None):
             gammas = np.linspace(0.0, 1.0, 6)  # from no masking to every gated token masked
             weights = {"base model": None}
             if "entrodrop" in groups:
-                weights["EntroDrop, last step"] = groups["entrodrop"][0]["folder"] / "ckpt.pt"
+                weights["EntroDrop, last step"] = groups["entrodrop"][0]["folder"] / "ckpt"
             curves = {}
             for name, checkpoint in weights.items():
                 variances, alpha = gradient_variance(reference, gammas, args.variance_samples, checkpoint)

@@ -22,13 +22,19 @@ import torch
 #   all     every token: vanilla token dropout
 TARGETING_MODES = ("low", "high", "random", "all")
 
-GAMMA, MASK_UNIFORM, RANDOM_SCORES, NEFTUNE_NOISE = range(4)  # purposes, kept apart in the seeds
+# What a draw is for, kept apart in the seeds (HIDDEN_DROPOUT: train.py's per-step global seed).
+GAMMA, MASK_UNIFORM, RANDOM_SCORES, NEFTUNE_NOISE, HIDDEN_DROPOUT = range(5)
+
+
+def seed_for(seed, step, purpose, index=0) -> int:
+    """A 64-bit seed that depends only on these integers (index: a window's sample index, or a rank)."""
+    words = np.random.SeedSequence([seed, step, purpose, index]).generate_state(2, dtype=np.uint32)
+    return int(words[0]) << 32 | int(words[1])
 
 
 def generator_for(seed, step, purpose, sample_index=0, device="cpu"):
     """A torch.Generator whose state depends only on these integers."""
-    entropy = np.random.SeedSequence([seed, step, purpose, sample_index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+    return torch.Generator(device=device).manual_seed(seed_for(seed, step, purpose, sample_index))
 
 
 def draw_gamma(seed, step, gamma_max_j) -> float:

@@ -55,40 +55,18 @@ def token_entropies(model, idx, return_nll=False):
     """idx (B, T) -> (B, T) float32 entropies in nats: column t is H(p(. | idx[:, :t])); column 0
     has no prediction and is NaN. With return_nll, also (B, T) -log p(idx[:, t] | idx[:, :t]).
 
-    The output head runs on a few hundred positions at a time, so the (B, T, vocab) fp32 logits
-    never exist at once (at vocab 151,936 one 4,096-token sequence of them is 2.5 GB)."""
-    B, T = idx.shape
+    The model computes both in its forward (head_statistics), over a few hundred positions at a
+    time, so the (B, T, vocab) fp32 logits never exist at once (2.5 GB for one 4,096-token
+    sequence at vocab 151,936), and a model whose weights are sharded gathers them as it goes."""
     device = idx.device.type
-    autocast, low_precision = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
     # Under the caller's autocast, if any, but without its cache: each layer's weight is used once
     # here, and caching the low-precision copies of all of them would only hold memory (1.2 GB
-    # for Qwen3-0.6B). The head's weight, used by every chunk, is cast once by hand instead.
-    with torch.autocast(device, dtype=low_precision, enabled=autocast, cache_enabled=False):
-        hidden = model.body(idx[:, :-1]).reshape(B * (T - 1), -1)  # predicts columns 1 .. T-1
-    head = model.lm_head.weight.to(low_precision) if autocast else model.lm_head.weight  # (vocab, d)
-    hidden = hidden.to(head.dtype)
-    targets = idx[:, 1:].reshape(-1)
-    entropy = torch.empty(B * (T - 1), device=idx.device)
-    nll = torch.empty(B * (T - 1), device=idx.device)
-    rows = model.head_chunk_rows(len(targets), buffers=2)
-    # Two (rows, vocab) buffers that every chunk reuses: on a CPU a fresh one costs a page fault per 4 KB.
-    logits_buffer = torch.empty(rows, head.shape[0], dtype=head.dtype, device=idx.device)
-    probs_buffer = torch.empty(rows, head.shape[0], device=idx.device)
-    for start in range(0, len(targets), rows):
-        h = hidden[start:start + rows]
-        logits = torch.matmul(h, head.T, out=logits_buffer[:len(h)]).float()  # (n, vocab); copied only if bf16
-        target_logit = logits.gather(1, targets[start:start + rows, None]).squeeze(1)
-        peak = logits.amax(dim=-1, keepdim=True)                              # (n, 1)
-        shifted = logits.sub_(peak)                                           # in place: log of softmax x total
-        probs = torch.exp(shifted, out=probs_buffer[:len(h)])                # softmax x total
-        total = probs.sum(dim=-1)                                             # (n,)
-        # With p = probs / total, log p = shifted - log(total): H = log(total) - sum(probs shifted) / total.
-        # Reusing the shifted logits as log p skips a log per vocabulary entry, the costliest step on a CPU.
-        entropy[start:start + rows] = total.log() - probs.mul_(shifted).sum(dim=-1) / total
-        nll[start:start + rows] = peak.squeeze(1) + total.log() - target_logit  # log-sum-exp minus target
-    nan_column = torch.full((B, 1), float("nan"), device=idx.device)
-    entropy = torch.cat((nan_column, entropy.view(B, T - 1)), dim=1)
-    nll = torch.cat((nan_column, nll.view(B, T - 1)), dim=1)
+    # for Qwen3-0.6B).
+    with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device),
+                        cache_enabled=False):
+        entropy, nll = model(idx[:, :-1], idx[:, 1:], per_token=True)  # (B, T - 1) each: columns 1 .. T-1
+    nan_column = torch.full((idx.shape[0], 1), float("nan"), device=idx.device)
+    entropy, nll = torch.cat((nan_column, entropy), dim=1), torch.cat((nan_column, nll), dim=1)
     return (entropy, nll) if return_nll else entropy
 
 
@@ -128,9 +106,13 @@ def build_entropy_cache(model, target_data, seq_len, path, header, batch_size, r
     tensors = {}
     for split in ("train", "val"):
         windows = torch.from_numpy(read_windows(target_data, split, seq_len))  # (n, seq_len + 1)
+        share = -(-len(windows) // world_size)
         mine = windows[rank::world_size]
-        scores = torch.full((-(-len(windows) // world_size), seq_len + 1, 2), float("nan"), device=device)
-        for start in tqdm(range(0, len(mine), batch_size), desc=f"entropy of {split} windows", disable=rank != 0):
+        # Every rank runs as many forward passes (each gathers weights from all ranks under FSDP): a
+        # short share is filled up with repeats of window 0, whose results fall beyond the real windows.
+        mine = torch.cat((mine, windows[:1].expand(share - len(mine), -1)))
+        scores = torch.full((share, seq_len + 1, 2), float("nan"), device=device)
+        for start in tqdm(range(0, share, batch_size), desc=f"entropy of {split} windows", disable=rank != 0):
             entropy, nll = token_entropies(model, mine[start:start + batch_size].to(device), return_nll=True)
             scores[start:start + len(entropy)] = torch.stack((entropy, nll), dim=-1)
         if world_size > 1:  # window i was computed by rank i % world_size, as its (i // world_size)-th

@@ -260,16 +260,24 @@ def wilson_interval(correct, n, z=1.96) -> tuple[float, float]:
 # ---- batched greedy decoding ---------------------------------------------------------------
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True) -> list[str]:
+def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True,
+                     synchronized=False) -> list[str]:
     """Greedy continuations of prompts, batch_size at a time, each cut at its first stop string.
-    Prompts are sorted by length, so a batch pads little, and left-padded within it."""
+    Prompts are sorted by length, so a batch pads little, and left-padded within it.
+    synchronized: every rank decodes in step until all of them are done (a model sharded with FSDP
+    gathers its weights from every rank at each step); each rank then needs as many prompts."""
     device = next(model.parameters()).device
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     answers = [""] * len(prompts)
 
     def finished_rows(new_ids):  # (b, t): rows whose text so far holds a stop string
-        return torch.tensor([cut_at_stop(tokenizer.decode(row)) != tokenizer.decode(row) for row in new_ids.tolist()])
+        done = torch.tensor([cut_at_stop(tokenizer.decode(row)) != tokenizer.decode(row) for row in new_ids.tolist()])
+        if synchronized:  # rows stop together, when every row of every rank is done
+            everyone = done.all().to(device=device, dtype=torch.int)
+            dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+            done = torch.full_like(done, bool(everyone))
+        return done
 
     with tqdm(total=len(prompts), desc="generating", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
@@ -278,18 +286,20 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, prog
             pad = torch.tensor([width - len(encoded[i]) for i in rows], device=device)
             idx = torch.tensor([[tokenizer.eos_id] * (width - len(encoded[i])) + encoded[i] for i in rows],
                                device=device)
-            out = model.generate(idx, max_new_tokens, eos_id=tokenizer.eos_id, pad_lengths=pad,
-                                 finished_rows=finished_rows)
+            # Synchronized, a row's end-of-text is only a stop string: no rank may stop on its own.
+            out = model.generate(idx, max_new_tokens, eos_id=None if synchronized else tokenizer.eos_id,
+                                 pad_lengths=pad, finished_rows=finished_rows)
             for i, row in zip(rows, out[:, width:].tolist()):
                 answers[i] = cut_at_stop(tokenizer.decode(row))
             bar.update(len(rows))
     return answers
 
 
-def score(model, tokenizer, problems, fmt, shots, max_new_tokens, batch_size, progress=True) -> list[dict]:
+def score(model, tokenizer, problems, fmt, shots, max_new_tokens, batch_size, progress=True,
+          synchronized=False) -> list[dict]:
     """One record per problem: prompt, generation, extracted and reference answers, correct."""
     prompts = [build_prompt(p["question"], fmt, shots) for p in problems]
-    generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress, synchronized)
     records = []
     for problem, prompt, generation in zip(problems, prompts, generations):
         extracted = extract_answer(generation, fmt)

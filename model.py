@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -269,6 +270,31 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None
 
 
+@torch.no_grad()
+def head_statistics(hidden, weight, targets, rows):
+    """Per-position entropy of the next-token distribution and loss of the actual next token, in
+    nats, without the (N, vocab) logits: hidden (N, d), weight (vocab, d), targets (N,) ->
+    entropy (N,), nll (N,), float32. Two (rows, vocab) buffers serve every chunk (on a CPU a fresh
+    one costs a page fault per 4 KB)."""
+    entropy = torch.empty(len(hidden), device=hidden.device)
+    nll = torch.empty(len(hidden), device=hidden.device)
+    logits_buffer = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=hidden.device)
+    probs_buffer = torch.empty(rows, weight.shape[0], device=hidden.device)
+    for start in range(0, len(hidden), rows):
+        h = hidden[start:start + rows]
+        logits = torch.matmul(h, weight.T, out=logits_buffer[:len(h)]).float()  # (n, vocab); a copy only if bf16
+        target_logit = logits.gather(1, targets[start:start + rows, None]).squeeze(1)
+        peak = logits.amax(dim=-1, keepdim=True)                              # (n, 1)
+        shifted = logits.sub_(peak)                                           # in place: log of softmax x total
+        probs = torch.exp(shifted, out=probs_buffer[:len(h)])                # softmax x total
+        total = probs.sum(dim=-1)                                             # (n,)
+        # With p = probs / total, log p = shifted - log(total): H = log(total) - sum(probs shifted) / total.
+        # Reusing the shifted logits as log p skips a log per vocabulary entry, the costliest step on a CPU.
+        entropy[start:start + rows] = total.log() - probs.mul_(shifted).sum(dim=-1) / total
+        nll[start:start + rows] = peak.squeeze(1) + total.log() - target_logit  # log-sum-exp minus target
+    return entropy, nll
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -284,6 +310,9 @@ class Transformer(nn.Module):
         # embedding matrix. Computed once from the weights this model starts from, then frozen;
         # saved in training checkpoints, never exported as a weight (Appendix A.3).
         self.register_buffer("fill_embedding", torch.zeros(config.hidden_size))
+        # Recompute each block in backward instead of keeping its activations (train.py's
+        # --activation_checkpointing): a block's input is all that is kept, at the cost of a second forward.
+        self.activation_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -332,19 +361,38 @@ class Transformer(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B or 1, T, 1, head_dim), split halves
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches[i] if caches else None, mask)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, caches[i] if caches else None, mask)
         return self.norm(x)
 
-    def forward(self, idx, targets=None, fill_mask=None, embedding_noise=None):
-        """idx (B, T) -> logits (B, T, vocab).
-        With targets (B, T): (None, mean cross-entropy). The loss is fused with the output head,
-        so training never materializes the full logits (see LinearCrossEntropy)."""
-        hidden = self.body(idx, fill_mask, embedding_noise)
+    def forward(self, idx, targets=None, fill_mask=None, embedding_noise=None, per_token=False, caches=None,
+                pad_lengths=None):
+        """idx (B, T) ->
+        - logits (B, T, vocab);
+        - with targets (B, T): (None, mean cross-entropy), the loss fused with the output head, so
+          training never materializes the full logits (see LinearCrossEntropy);
+        - with targets and per_token: (entropy, nll), each (B, T) float32: the next-token
+          distribution's entropy and the actual target's loss at every position (head_statistics);
+        - with caches (generation, see body): the logits of the last position only, (B, vocab).
+        Everything goes through here, the evaluation and the entropy pass too, so that the hooks
+        of a wrapped model (FSDP's gathering of the weights) always run."""
+        hidden = self.body(idx, fill_mask, embedding_noise, caches, pad_lengths)
+        if caches is not None:
+            return self.lm_head(hidden[:, -1])
         if targets is None:
             return self.lm_head(hidden)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets.reshape(-1),
-                                              self.head_chunk_rows(len(flat)))
+        flat, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if per_token:
+            # Under autocast the head's weight is cast once here, not by autocast in every chunk.
+            device = idx.device.type
+            head = self.lm_head.weight
+            if torch.is_autocast_enabled(device):
+                head = head.to(torch.get_autocast_dtype(device))
+            entropy, nll = head_statistics(flat.to(head.dtype), head, targets, self.head_chunk_rows(len(flat), 2))
+            return entropy.view(idx.shape), nll.view(idx.shape)
+        return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets, self.head_chunk_rows(len(flat)))
 
     def head_chunk_rows(self, n_rows, buffers=1):
         """Rows per chunk when the output head runs over n_rows positions: at most 512 MB in all for
@@ -363,7 +411,7 @@ class Transformer(nn.Module):
         rows are padded with eos_id, and generation stops when all have ended.
         Call model.eval() first so that dropout is off."""
         caches = [KVCache(idx.shape[1] + max_new_tokens) for _ in self.layers]
-        logits = self.lm_head(self.body(idx, caches=caches, pad_lengths=pad_lengths)[:, -1])  # (B, vocab)
+        logits = self(idx, caches=caches, pad_lengths=pad_lengths)  # (B, vocab)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         prompt_length = idx.shape[1]
         for _ in range(max_new_tokens):
@@ -380,7 +428,7 @@ class Transformer(nn.Module):
                 finished |= finished_rows(idx[:, prompt_length:]).to(finished.device)
             if finished.all():
                 break
-            logits = self.lm_head(self.body(next_id[:, None], caches=caches, pad_lengths=pad_lengths)[:, -1])
+            logits = self(next_id[:, None], caches=caches, pad_lengths=pad_lengths)
         return idx
 
     # ---- Hugging Face checkpoints ----------------------------------------------------------
@@ -423,13 +471,16 @@ class Transformer(nn.Module):
         model.fill_embedding = model.embed_tokens.weight.detach().float().mean(dim=0)
         return model
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, weights=None):
         """Write config.json and safetensors (sharded above max_shard_bytes, with an index) that
         transformers, vLLM, lm-eval and OpenCompass load. Each file is written to a temporary
-        name and renamed, so an interrupted save never leaves a half-written file."""
+        name and renamed, so an interrupted save never leaves a half-written file.
+        weights: {name: tensor} to write instead of the module's own (the full weights gathered
+        from the shards of a model split across ranks)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {self.hf_name(n): p.detach().contiguous().cpu() for n, p in self.named_parameters()}
+        weights = weights if weights is not None else dict(self.named_parameters())
+        tensors = {self.hf_name(n): weights[n].detach().contiguous().cpu() for n, _ in self.named_parameters()}
         shards, size = [{}], 0
         for name, tensor in tensors.items():
             nbytes = tensor.numel() * tensor.element_size()

@@ -11,31 +11,31 @@ Every setting is a field of Config below. A preset in config/ assigns some of th
 """
 
 import ast
-import fcntl
 import gc
 import json
 import math
 import os
 import runpy
-import shutil
-import socket
 import sys
 import time
 import typing
 from contextlib import nullcontext
-from datetime import timedelta
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
+from checkpoint import (export, interrupts_held, load_training_state, lock_out_dir, read_train_state,
+                        save_training_state, write_durably)
 from data.loader import MixtureLoader, load_meta, read_windows, verify_checksums
-from dropout import TARGETING_MODES, draw_gamma, neftune_noise, token_dropout_mask
+from dropout import HIDDEN_DROPOUT, TARGETING_MODES, draw_gamma, neftune_noise, seed_for, token_dropout_mask
 from entropy import build_entropy_cache, cache_header, default_cache_path, load_entropy_cache, token_entropies
 from evaluate import FORMATS, read_problems, score
-from model import ModelConfig, Transformer, replace_durably
+from model import ModelConfig, Transformer
+from parallel import PARALLEL_MODES, equal_share, reshard, set_gradient_sync, start, wrap
 from schedule import gamma_max_at, learning_rate_at, turning_epoch
 from tokenizer import load_tokenizer
 
@@ -43,6 +43,9 @@ METHODS = ("baseline", "weight_decay", "hidden_dropout", "neftune", "token_dropo
 TOKEN_DROPOUT_METHODS = ("token_dropout", "entrodrop")
 TOKEN_DROPOUT_KEYS = {"gamma_max", "gate_percentile", "targeting", "score", "curriculum", "curriculum_sharpness",
                       "curriculum_midpoint", "curriculum_unit", "fill"}
+# Settings a run may be resumed with changed: where it lives, and how the same global batch is split
+# and computed (another GPU, another number of ranks, sharded or not, recomputed activations).
+RESUMABLE_KEYS = {"resume", "out_dir", "micro_batch_size", "parallel", "activation_checkpointing", "compile"}
 
 
 @dataclass
@@ -94,13 +97,16 @@ class Config:
     export_every: int = 0                      # also export the model every this many target epochs, and
                                                # at the end, to out_dir/epochs/<epoch>/ (0 = only best/)
     log_interval: int = 10                     # log a training record every this many steps
-    checkpoint_interval: int = 100             # save out_dir/ckpt.pt every this many steps
+    checkpoint_interval: int = 100             # save out_dir/ckpt/ every this many steps
     # ---- system
     seed: int = 1337
     device: str = "auto"                       # "auto", "cpu", "cuda"
     dtype: str = "auto"                        # "auto" (bfloat16 autocast on GPU, float32 on CPU), "float32", "bfloat16"
     compile: bool = False                      # torch.compile the model (helps on GPU)
-    resume: bool = False                       # continue from out_dir/ckpt.pt if it exists
+    parallel: str = "ddp"                      # under torchrun: "ddp" (whole model on every rank) or "fsdp"
+                                               # (weights, gradients and AdamW state sharded: parallel.py)
+    activation_checkpointing: bool = False     # recompute each block in backward instead of storing it
+    resume: bool = False                       # continue from out_dir/ckpt/ if it exists
 
 
 # The values each numeric setting may take, in interval notation; validate() checks them all, and
@@ -165,7 +171,7 @@ def validate(c: Config, world_size):
     for key, allowed in (("score", ("entropy", "nll")), ("curriculum", ("sigmoid", "constant")),
                          ("curriculum_unit", ("epoch", "step")), ("fill", ("mean", "zero")),
                          ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
-                         ("accuracy_format", FORMATS)):
+                         ("accuracy_format", FORMATS), ("parallel", PARALLEL_MODES)):
         require(getattr(c, key) in allowed, f"{key}={getattr(c, key)!r} must be one of {allowed}")
     for key, interval in NUMBER_RANGES.items():
         value = getattr(c, key)
@@ -215,33 +221,51 @@ def curriculum_midpoint(c) -> float:
     return sum(turns) / len(turns)
 
 
-def evaluate(model, c, val, general_val, groups, problems, tokenizer, rank, world_size, autocast):
+@dataclass
+class EvalSets:
+    """What each evaluation reads: validation windows (n, seq_len + 1) of the target and general data,
+    the base model's entropy groups of the target windows (entropy_groups; None from scratch), and
+    the problems whose answers are scored (evaluate.read_problems; [] = no accuracy)."""
+    val: torch.Tensor
+    general_val: torch.Tensor
+    problems: list
+    groups: torch.Tensor | None = None
+
+
+def evaluate(model, c, sets: EvalSets, tokenizer, cluster, autocast):
     """Target validation loss, overall and by the base model's entropy groups (Sec. 2, RQ3), general
-    validation loss, and optionally answer accuracy. Batches are shared out across ranks."""
+    validation loss, and optionally answer accuracy. Batches are shared out across ranks, every rank
+    running the same number of forward passes (see parallel.equal_share)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = cluster.device
     sums = torch.zeros(5, device=device, dtype=torch.float64)  # target, low, high, general, correct
     counts = torch.zeros(5, device=device, dtype=torch.float64)
-    b = c.micro_batch_size
+    b, groups, problems = c.micro_batch_size, sets.groups, sets.problems
     with torch.no_grad(), autocast:
-        for windows, slot in ((val, 0), (general_val, 3)):
-            for start in range(rank * b, len(windows), world_size * b):
-                nll = token_entropies(model, windows[start:start + b].to(device), return_nll=True)[1][:, 1:]
+        for windows, slot in ((sets.val, 0), (sets.general_val, 3)):
+            for start, stop, counted in equal_share(len(windows), cluster.rank, cluster.world_size, b):
+                nll = token_entropies(model, windows[start:stop].to(device), return_nll=True)[1][:, 1:]
+                if not counted:
+                    continue
                 sums[slot] += nll.sum()
                 counts[slot] += nll.numel()
                 if slot == 0 and groups is not None:
-                    for j, where in enumerate(groups[start:start + b].to(device).unbind(1), start=1):
+                    for j, where in enumerate(groups[start:stop].to(device).unbind(1), start=1):
                         sums[j] += nll[where].sum()   # where (b, seq_len): the low or high group
                         counts[j] += where.sum()
         if problems:  # batched greedy decoding, scored by the rules of evaluate.py
-            records = score(model, tokenizer, problems[rank::world_size], c.accuracy_format, shots=0,
-                            max_new_tokens=256, batch_size=b, progress=False)
+            mine = problems[cluster.rank::cluster.world_size]
+            padding = -(-len(problems) // cluster.world_size) - len(mine)  # equal shares (see above)
+            records = score(model, tokenizer, mine + problems[:1] * padding, c.accuracy_format, shots=0,
+                            max_new_tokens=256, batch_size=b, progress=False,
+                            synchronized=isinstance(model, FSDPModule))[:len(mine)]
             sums[4] += sum(r["correct"] for r in records)
             counts[4] += len(records)
-    if world_size > 1:
+    if cluster.distributed:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
     model.train()
+    reshard(model)
     names = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss", "accuracy")
     return {name: (sums[j] / counts[j]).item() if counts[j] > 0 else None for j, name in enumerate(names)}
 
@@ -261,71 +285,18 @@ class TrainingStopped(RuntimeError):
     """Training stopped on purpose (a non-finite loss, an interrupt): one line for the user, no traceback."""
 
 
-HELD_LOCKS = []  # the open lock file of this process's run (see lock_out_dir)
+def non_finite_message(step, train_loss, grad_norm, ckpt_dir, saved_step):
+    kept = f"{ckpt_dir} (step {saved_step}) is intact" if saved_step is not None else \
+        "no checkpoint was saved yet"
+    return (f"non-finite training at step {step} (loss {train_loss}, gradient norm {grad_norm}); stopped "
+            f"before the weights changed, and {kept}. Lower learning_rate, or check the data")
 
 
-def lock_out_dir(out_dir: Path):
-    """Hold an exclusive lock on out_dir until the run ends: the OS releases it when the process
-    exits, SIGKILL included. A second run in the same folder, or an orphaned worker of a killed
-    torchrun still writing there, then makes the next run fail at once, naming the holder."""
-    for handle in HELD_LOCKS:  # an earlier main() of this process has ended (a notebook, the tests)
-        handle.close()
-    HELD_LOCKS.clear()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(out_dir / ".lock", "a+")
-    except OSError as e:  # a file of that name, no permission, a read-only disk
-        raise ValueError(f"out_dir={out_dir} cannot be used ({e.strerror}); choose a folder that can be written") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ValueError(f"out_dir={out_dir} is in use by {holder}; wait for that run to end or stop it "
-                         "(kill its pid), or choose another out_dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                 f"{' '.join(sys.argv)}\n")
-    handle.flush()
-    HELD_LOCKS.append(handle)
-
-
-def read_checkpoint(path):
-    """The training state at path, memory-mapped (every rank reads the settings without copying the
-    weights and optimizer state into memory), or a clear error for an empty or damaged file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # an empty file fails in mmap, a truncated one in the zip reader
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be empty or "
-                         "truncated: delete it to start this run over") from None
-
-
-def save_checkpoint(path, state):
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
-    replace_durably(temporary, path)  # a crash mid-save leaves the previous checkpoint intact
-
-
-def write_durably(path, text):
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    replace_durably(temporary, path)
-
-
-def export(model, tokenizer, folder):
-    """The model and its tokenizer as a Hugging Face folder, for lm-eval, OpenCompass, vLLM and
-    evaluate.py. Written whole under a temporary name, then swapped in: a crash leaves the earlier
-    export or the new one, never a mixture (the earlier one is moved aside and deleted last)."""
-    folder = Path(folder)
-    fresh, stale = (folder.with_name(f".{folder.name}.{kind}.{os.getpid()}") for kind in ("new", "old"))
-    model.save_pretrained(fresh)
-    tokenizer.save(str(fresh))
-    if folder.exists():
-        os.replace(folder, stale)
-    replace_durably(fresh, folder)
-    shutil.rmtree(stale, ignore_errors=True)
+def interrupted_message(step, saved_step):
+    if saved_step is None:
+        return f"interrupted at step {step}; the {step} steps are lost: no checkpoint was saved yet"
+    return (f"interrupted at step {step}; the {step - saved_step} steps since the checkpoint at step "
+            f"{saved_step} will be redone with --resume=True")
 
 
 def peak_flops(device):
@@ -336,65 +307,48 @@ def peak_flops(device):
     return next((flops for key, flops in known if key in name), None)  # first match: "H100" alone is the SXM part
 
 
-def main(argv):
-    c = parse_config(argv)
-    distributed = "RANK" in os.environ
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    validate(c, world_size)
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if distributed:
-        # While rank 0 writes a checkpoint (16 bytes a parameter: 10 GB for Qwen3-0.6B, 128 GB for
-        # 8B) the others wait in the next collective; NCCL's default 10 minutes can be too short.
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=60))
-    master = rank == 0
-    out_dir, ckpt_path = Path(c.out_dir), Path(c.out_dir) / "ckpt.pt"
-    bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+# ---- the seams of main: claiming the folder, an earlier run, the model and data, the entropies ----
 
-    # ---- out_dir: one run at a time; rank 0 holds the lock, and every rank stops if it cannot
+def claim_out_dir(out_dir, cluster):
+    """Rank 0 locks out_dir (checkpoint.lock_out_dir); if it cannot, every rank stops."""
     refusal = None
-    if master:
+    if cluster.master:
         try:
             lock_out_dir(out_dir)
         except ValueError as e:
             refusal = str(e)
-    if distributed:
+    if cluster.distributed:
         shared = [refusal]
         dist.broadcast_object_list(shared, src=0)
         refusal = shared[0]
     if refusal:
         raise ValueError(refusal)
 
-    # ---- an earlier run in out_dir: reuse it if finished, resume it if asked, never overwrite it
-    checkpoint = read_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    if checkpoint is not None:
-        # Only settings this run reads count: a moved folder or a token dropout knob of a baseline is no
-        # change, nor the micro-batch (the same global batch, split otherwise: e.g. to fit another GPU).
-        unread = {"resume", "out_dir", "micro_batch_size"} | \
-            (set() if c.method in TOKEN_DROPOUT_METHODS else TOKEN_DROPOUT_KEYS)
-        changed = {k for k, v in asdict(c).items() if k not in unread and checkpoint["config"].get(k) != v}
-        if changed:
-            raise ValueError(f"{ckpt_path} is a run with different settings ({', '.join(sorted(changed))}); "
-                             "choose another out_dir or delete it")
-        if checkpoint["finished"]:
-            if master:
-                print(f"{out_dir} already holds this finished run; reusing it")
-            return
-        if not c.resume:
-            raise ValueError(f"{ckpt_path} holds an unfinished run: pass --resume=True to continue it, "
-                             "or choose another out_dir")
-    if master:
-        print("config:", json.dumps(asdict(c)))
-    # j0, read once: a resumed run keeps the midpoint it started with, whatever its baseline folder holds now.
-    midpoint = None
-    if c.method in TOKEN_DROPOUT_METHODS:
-        midpoint = checkpoint["midpoint"] if checkpoint is not None and "midpoint" in checkpoint else curriculum_midpoint(c)
 
-    # ---- model, tokenizer, data
+def earlier_run(c, ckpt_dir):
+    """The training state of an earlier run in out_dir, to resume; None for a fresh start; "finished"
+    for a finished run with the same settings (reused as it is). A run with other settings is never
+    written over."""
+    if not ckpt_dir.exists():
+        return None
+    state = read_train_state(ckpt_dir)
+    # Only settings this run reads count: a moved folder or a token dropout knob of a baseline is no
+    # change, nor how the same global batch is split and computed (micro-batch, ranks, sharding).
+    unread = RESUMABLE_KEYS | (set() if c.method in TOKEN_DROPOUT_METHODS else TOKEN_DROPOUT_KEYS)
+    changed = {k for k, v in asdict(c).items() if k not in unread and state["config"].get(k) != v}
+    if changed:
+        raise ValueError(f"{ckpt_dir} is a run with different settings ({', '.join(sorted(changed))}); "
+                         "choose another out_dir or delete it")
+    if state["finished"]:
+        return "finished"
+    if not c.resume:
+        raise ValueError(f"{ckpt_dir} holds an unfinished run: pass --resume=True to continue it, "
+                         "or choose another out_dir")
+    return state
+
+
+def load_model(c, device):
+    """The base model (a HF checkpoint folder) or a new one from scratch, and its tokenizer."""
     torch.manual_seed(c.seed)
     if c.init_from == "scratch":
         tokenizer = load_tokenizer(c.tokenizer)
@@ -407,12 +361,19 @@ def main(argv):
     if c.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={c.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
-    vocab_size = model.config.vocab_size
+    if c.fill == "zero":
+        model.fill_embedding.zero_()  # Appendix A.3's unstable alternative, for the ablation
+    model.activation_checkpointing = c.activation_checkpointing
+    return tokenizer, model
+
+
+def load_data(c, tokenizer, vocab_size, cluster):
+    """The 6:4 loader, and the validation windows of both sets and the accuracy problems (EvalSets);
+    every file is checked against its meta.json and the model's vocabulary."""
     for folder in (c.target_data, c.general_data):
         load_meta(folder, tokenizer, vocab_size)
     loader = MixtureLoader(c.target_data, c.general_data, c.seq_len, c.global_batch_size, c.micro_batch_size,
-                           c.target_ratio, c.seed, rank, world_size, vocab_size)
-    max_steps = c.max_steps or loader.steps_for_epochs(c.epochs)
+                           c.target_ratio, c.seed, cluster.rank, cluster.world_size, vocab_size)
     val = torch.from_numpy(read_windows(c.target_data, "val", c.seq_len, vocab_size=vocab_size))
     if len(val) == 0:
         raise ValueError(f"{c.target_data}/val.bin is shorter than one window of {c.seq_len + 1} tokens")
@@ -422,178 +383,217 @@ def main(argv):
         raise ValueError(f"{c.general_data}/val.bin is shorter than one window of {c.seq_len + 1} tokens, so no "
                          "general validation loss can be measured; prepare it with --val_share > 0, or set "
                          "general_eval_windows=0 to train without it")
-    problems = read_problems(c.accuracy_problems, c.accuracy_format)[:c.accuracy_samples] if c.accuracy_samples else []
+    problems = read_problems(c.accuracy_problems, c.accuracy_format)[:c.accuracy_samples] \
+        if c.accuracy_samples else []
+    return loader, EvalSets(val, general_val, problems)
 
-    # ---- the base model's entropies: computed once (all ranks), before any training
-    scores, groups = None, None  # a model from scratch has no base model to measure entropy with
-    if c.init_from != "scratch":
-        header = cache_header(c.init_from, c.target_data, c.seq_len)
-        cache_path = c.entropy_cache or default_cache_path(c.target_data, header["model"], c.seq_len)
-        # The cache is keyed on the sha256 in meta.json, so the files must still have it: one read of
-        # the target data (80 MB for the paper's 0.02B tokens: well under a second).
-        verify_checksums(c.target_data)
-        if not Path(cache_path).exists():
-            with autocast:
-                build_entropy_cache(model.eval(), c.target_data, c.seq_len, cache_path, header,
-                                    c.micro_batch_size, rank, world_size)
-            model.train()
-        hint = (f"python entropy.py --init_from {c.init_from} --target_data {c.target_data} "
-                f"--seq_len {c.seq_len} --entropy_cache {cache_path}")
-        cache = load_entropy_cache(cache_path, header, hint)
-        scores, groups = cache[f"train_{c.score}"], entropy_groups(cache["val_nll"])
-    if c.fill == "zero":
-        model.fill_embedding.zero_()  # Appendix A.3's unstable alternative, for the ablation
 
+def base_entropies(c, model, cluster, autocast):
+    """The base model's per-token scores of the target training windows (for the gate) and the
+    evaluation groups of the validation tokens, from the entropy cache, built first if missing (by
+    every rank, before any training). None, None for a model trained from scratch."""
+    if c.init_from == "scratch":
+        return None, None
+    header = cache_header(c.init_from, c.target_data, c.seq_len)
+    cache_path = c.entropy_cache or default_cache_path(c.target_data, header["model"], c.seq_len)
+    # The cache is keyed on the sha256 in meta.json, so the files must still have it: one read of
+    # the target data (80 MB for the paper's 0.02B tokens: well under a second).
+    verify_checksums(c.target_data)
+    if not Path(cache_path).exists():
+        with autocast:
+            build_entropy_cache(model.eval(), c.target_data, c.seq_len, cache_path, header, c.micro_batch_size,
+                                cluster.rank, cluster.world_size)
+        model.train()
+        reshard(model)
+    hint = (f"python entropy.py --init_from {c.init_from} --target_data {c.target_data} "
+            f"--seq_len {c.seq_len} --entropy_cache {cache_path}")
+    cache = load_entropy_cache(cache_path, header, hint)
+    return cache[f"train_{c.score}"], entropy_groups(cache["val_nll"])
+
+
+def make_optimizer(model, c, device):
+    """AdamW with weight decay on matrices only (under FSDP: on this rank's shards of them)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=device.type == "cuda")
-    best = {"val_loss": math.inf, "epoch": None, "step": None}
-    log_lines = 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        loader.load_state_dict(checkpoint["loader"])
-        best, log_lines = checkpoint["best"], checkpoint["log_lines"]
-        torch.set_rng_state(checkpoint["rng"][rank]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["rng"][rank]["cuda"], device)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=device.type == "cuda")
+
+
+class RunLog:
+    """out_dir/log.jsonl, one JSON record per line, written by rank 0. Every rank counts the records,
+    so that the checkpoint can say how many belong to it: a resumed run first drops the records written
+    after its checkpoint, then appends."""
+
+    def __init__(self, path: Path, master, kept_lines):
+        self.path, self.master, self.lines = path, master, kept_lines
         if master:
-            print(f"resuming from {ckpt_path} at step {loader.step}")
-    else:
-        torch.manual_seed(c.seed + rank)  # hidden dropout differs across ranks, as their rows do
-    log_path = out_dir / "log.jsonl"
+            kept = path.read_text().splitlines(keepends=True)[:kept_lines] if kept_lines else []
+            write_durably(path, "".join(kept))
+
+    def write(self, record):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+
+def to_device(tensor, device):
+    """To the GPU from page-locked memory without blocking: a copy from ordinary memory would wait for
+    all queued GPU work, leaving the GPU idle while the next micro-batch is prepared."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+def evaluate_and_export(model, c, sets, tokenizer, cluster, autocast, at, best, run_log):
+    """One evaluation point: the losses (and accuracy), logged; the best model so far by target
+    validation loss exported to best/ (for lm-eval, OpenCompass, vLLM), and every export_every epochs
+    to epochs/<epoch>/ (the paper's rule picks among these by accuracy: analyze.py). -> best"""
+    results = evaluate(model, c, sets, tokenizer, cluster, autocast)
+    if results["val_loss"] < best["val_loss"]:
+        best = {"val_loss": results["val_loss"], "epoch": at["epoch"], "step": at["step"]}
+        export(model, tokenizer, Path(c.out_dir) / "best", cluster)
+    if c.export_every and (at["last"] or (at["epoch_end"] and math.floor(at["epoch"]) % c.export_every == 0)):
+        # Named by whole target epochs; a run stopped by max_steps mid-epoch ends with e.g. 3.40.
+        name = str(math.floor(at["epoch"])) if at["epoch_end"] else f"{at['epoch']:.2f}"
+        export(model, tokenizer, Path(c.out_dir) / "epochs" / name, cluster)
+    run_log.write({"kind": "eval", "step": at["step"], "epoch": at["epoch"], **results,
+                   "best_val_loss": best["val_loss"], "best_epoch": best["epoch"]})
+    if cluster.master:
+        measured = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if v is not None)
+        print(f"eval step {at['step']} epoch {at['epoch']:.2f}: {measured}, "
+              f"best {best['val_loss']:.4f} at epoch {best['epoch']:.2f}")
+    return best
+
+
+def main(argv):
+    c = parse_config(argv)
+    cluster = start(c.device)
+    validate(c, cluster.world_size)
+    if c.parallel == "fsdp" and not cluster.distributed:
+        raise ValueError("parallel='fsdp' shards over the ranks of torchrun: start it with torchrun "
+                         "(--nproc_per_node=1 for one process), or use parallel='ddp'")
+    out_dir, ckpt_dir = Path(c.out_dir), Path(c.out_dir) / "ckpt"
+    master, device = cluster.master, cluster.device
+    bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    claim_out_dir(out_dir, cluster)
+    resumed = earlier_run(c, ckpt_dir)
+    if resumed == "finished":
+        if master:
+            print(f"{out_dir} already holds this finished run; reusing it")
+        return
+    if master:
+        print("config:", json.dumps(asdict(c)))
+    dropping = c.method in TOKEN_DROPOUT_METHODS
+    # j0, read once: a resumed run keeps its midpoint, whatever its baseline folder holds now.
+    midpoint = (resumed["midpoint"] if resumed else curriculum_midpoint(c)) if dropping else None
+
+    tokenizer, model = load_model(c, device)
+    loader, sets = load_data(c, tokenizer, model.config.vocab_size, cluster)
+    max_steps = c.max_steps or loader.steps_for_epochs(c.epochs)
+    train_model = wrap(model, c.parallel, cluster, c.compile, bf16)  # FSDP shards `model` itself
+    optimizer = make_optimizer(model, c, device)
+    scores, sets.groups = base_entropies(c, model, cluster, autocast)
+    best = {"val_loss": math.inf, "epoch": None, "step": None}
+    if resumed:
+        load_training_state(ckpt_dir, model, optimizer)
+        loader.load_state_dict(resumed["loader"])
+        best = resumed["best"]
+        if master:
+            print(f"resuming from {ckpt_dir} at step {loader.step}")
     if master:
         write_durably(out_dir / "config.json", json.dumps(asdict(c), indent=1) + "\n")
-        lines = log_path.read_text().splitlines(keepends=True)[:log_lines] if checkpoint else []
-        write_durably(log_path, "".join(lines))  # drop records written after the checkpoint
-    raw_model = model
-    if c.compile:
-        model = torch.compile(model)
-    if distributed:
-        # Gradients as views into the all-reduce buckets: one copy of them per GPU instead of two.
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-
-    def to_device(tensor):
-        """To the GPU from page-locked memory without blocking: a copy from ordinary memory would
-        wait for all queued GPU work, leaving the GPU idle while the next micro-batch is prepared."""
-        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
-
-    def log(record):
-        nonlocal log_lines
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        log_lines += 1
-
-    if checkpoint is None:
-        log({"kind": "config", **asdict(c)})
-        if isinstance(c.curriculum_midpoint, str) and midpoint is not None:
-            log({"kind": "curriculum", "midpoint": midpoint})
+    run_log = RunLog(out_dir / "log.jsonl", master, resumed["log_lines"] if resumed else 0)
+    if not resumed:
+        run_log.write({"kind": "config", **asdict(c)})
+        if isinstance(c.curriculum_midpoint, str) and dropping:
+            run_log.write({"kind": "curriculum", "midpoint": midpoint})
             if master:
                 print(f"curriculum midpoint j0 = epoch {midpoint:.2f}, from {c.curriculum_midpoint}")
 
     # ---- the loop
-    accumulation = c.global_batch_size // (c.micro_batch_size * world_size)
-    dropping = c.method in TOKEN_DROPOUT_METHODS
+    accumulation = c.global_batch_size // (c.micro_batch_size * cluster.world_size)
     targeting = "all" if c.method == "token_dropout" else c.targeting
     last_epoch = math.floor(loader.epoch)
-    resumed_step = loader.step if checkpoint is not None else None  # evaluated before that checkpoint was saved
-    saved_step = resumed_step  # the step of the newest checkpoint
-    flops_per_token, peak = raw_model.flops_per_token(c.seq_len), peak_flops(device) if bf16 else None
+    resumed_step = saved_step = loader.step if resumed else None  # evaluated before that save
+    flops_per_token, peak = model.flops_per_token(c.seq_len), peak_flops(device) if bf16 else None
     try:
         while True:
             step, epoch = loader.step, loader.epoch
             epoch_end = math.floor(epoch) > last_epoch
-            due = step == 0 or step == max_steps or epoch_end or (c.eval_interval and step % c.eval_interval == 0)
+            due = step in (0, max_steps) or epoch_end or (c.eval_interval and step % c.eval_interval == 0)
             if due and step != resumed_step:
-                results = evaluate(raw_model, c, val, general_val, groups, problems, tokenizer, rank, world_size, autocast)
-                if results["val_loss"] < best["val_loss"]:
-                    best = {"val_loss": results["val_loss"], "epoch": epoch, "step": step}
-                    if master:  # the best model so far, ready for lm-eval / OpenCompass / vLLM
-                        export(raw_model, tokenizer, out_dir / "best")
-                if master and c.export_every and (step == max_steps or (epoch_end and math.floor(epoch) % c.export_every == 0)):
-                    # Named by whole target epochs; a run stopped by max_steps mid-epoch ends with e.g. 3.40.
-                    export(raw_model, tokenizer, out_dir / "epochs" / (str(math.floor(epoch)) if epoch_end else f"{epoch:.2f}"))
-                log({"kind": "eval", "step": step, "epoch": epoch, **results,
-                     "best_val_loss": best["val_loss"], "best_epoch": best["epoch"]})
-                if master:
-                    print(f"eval step {step} epoch {epoch:.2f}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in results.items() if v is not None) +
-                        f", best {best['val_loss']:.4f} at epoch {best['epoch']:.2f}")
+                at = {"step": step, "epoch": epoch, "epoch_end": epoch_end, "last": step == max_steps}
+                best = evaluate_and_export(model, c, sets, tokenizer, cluster, autocast, at, best, run_log)
                 last_epoch = math.floor(epoch)
             if step == max_steps or (step > 0 and step % c.checkpoint_interval == 0):
-                rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-                all_rng = [None] * world_size
-                if distributed:
-                    dist.all_gather_object(all_rng, rng)
-                else:
-                    all_rng = [rng]
-                if master:
-                    save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                "loader": loader.state_dict(), "rng": all_rng, "best": best,
-                                                "config": asdict(c), "log_lines": log_lines, "finished": step == max_steps,
-                                                "midpoint": midpoint})
-                saved_step = step
+                with interrupts_held():  # a save is completed, not cut
+                    save_training_state(ckpt_dir, model, optimizer, {
+                        "loader": loader.state_dict(), "best": best, "config": asdict(c),
+                        "log_lines": run_log.lines, "finished": step == max_steps,
+                        "midpoint": midpoint}, cluster)
+                    saved_step = step
             if step == max_steps:
                 break
 
             # one optimizer step: gamma_j once per step (Sec. 3.1), masks keyed by each row's window
             step_start = time.time()
+            # Hidden dropout draws from the global generator, seeded by (seed, step, rank) at every
+            # step, so a resumed run draws what the uninterrupted one did (other ranks: other draws).
+            torch.manual_seed(seed_for(c.seed, step, HIDDEN_DROPOUT, cluster.rank))
             j = epoch if c.curriculum_unit == "epoch" else step
-            ceiling = gamma_max_at(j, c.gamma_max, c.curriculum_sharpness, midpoint, c.curriculum) if dropping else 0.0
+            ceiling = gamma_max_at(j, c.gamma_max, c.curriculum_sharpness, midpoint, c.curriculum) \
+                if dropping else 0.0
             gamma = draw_gamma(c.seed, step, ceiling)
             lr = learning_rate_at(step, c.learning_rate, c.min_lr, c.warmup_steps, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            stats = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, masked tokens, target tokens
+            stats = torch.zeros(3, device=device, dtype=torch.float64)  # loss, masked, target tokens
             for micro, batch in enumerate(loader.next_batch()):
-                inputs, targets, target_rows = to_device(batch.inputs), to_device(batch.targets), batch.target_rows
-                fill_mask = noise = None
+                inputs, targets = to_device(batch.inputs, device), to_device(batch.targets, device)
+                target_rows, fill_mask, noise = batch.target_rows, None, None
                 if dropping:
-                    rows = scores[batch.sample_index.clamp(min=0), :c.seq_len]  # (b, seq_len) from the cache
+                    rows = scores[batch.sample_index.clamp(min=0), :c.seq_len]  # (b, seq_len) scores
                     rows[~target_rows] = math.nan                               # general rows: never gated
-                    fill_mask = to_device(token_dropout_mask(rows, target_rows, batch.sample_index, c.seed, step, gamma,
-                                                             targeting, c.gate_percentile))
+                    fill_mask = to_device(token_dropout_mask(rows, target_rows, batch.sample_index, c.seed,
+                                                             step, gamma, targeting, c.gate_percentile), device)
                     stats[1] += fill_mask.sum()
                 if c.method == "neftune":
                     lengths = torch.full((len(inputs),), c.seq_len)  # windows are never padded
-                    noise = neftune_noise((*inputs.shape, raw_model.config.hidden_size), batch.sample_index,
+                    noise = neftune_noise((*inputs.shape, model.config.hidden_size), batch.sample_index,
                                           lengths, c.neftune_alpha, c.seed, step, device)
                 stats[2] += target_rows.sum() * c.seq_len
-                if distributed:  # synchronize gradients only on the last micro-step
-                    model.require_backward_grad_sync = micro == accumulation - 1
-                with autocast:
-                    _, loss = model(inputs, targets, fill_mask=fill_mask, embedding_noise=noise)
-                # Each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps
-                # makes the summed gradients the mean over the whole global batch (DDP averages ranks).
+                set_gradient_sync(train_model, micro == accumulation - 1)  # only on the last micro-step
+                with autocast:  # the fill (Eq. 1) happens in the model, at the positions of fill_mask
+                    _, loss = train_model(inputs, targets, fill_mask=fill_mask, embedding_noise=noise)
+                # Each micro-batch's loss is a mean over its tokens; dividing by the number of
+                # micro-steps makes the summed gradients the mean over the global batch (DDP and FSDP
+                # average over ranks).
                 (loss / accumulation).backward()
                 stats[0] += loss.detach()
-            if distributed:
+            if cluster.distributed:
                 dist.all_reduce(stats)
-            train_loss = stats[0].item() / (accumulation * world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or math.inf).item()
-            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # stop before the weights are hit
-                kept = f"{ckpt_path} (step {saved_step}) is intact" if saved_step is not None else "no checkpoint was saved yet"
-                raise TrainingStopped(f"non-finite training at step {step} (loss {train_loss}, gradient norm {grad_norm}); "
-                                      f"stopped before the weights changed, and {kept}. Lower learning_rate, or check the data")
+            train_loss = stats[0].item() / (accumulation * cluster.world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or math.inf)
+            grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
+            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # before the weights are hit
+                raise TrainingStopped(non_finite_message(step, train_loss, grad_norm, ckpt_dir, saved_step))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_per_sec = c.global_batch_size * c.seq_len / (time.time() - step_start)
             if (step + 1) % c.log_interval == 0:
-                log({"kind": "train", "step": step + 1, "epoch": loader.epoch, "lr": lr, "gamma_max": ceiling,
-                     "gamma": gamma, "mask_rate": stats[1].item() / max(1.0, stats[2].item()), "train_loss": train_loss,
-                     "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                     "mfu": flops_per_token * tokens_per_sec / (peak * world_size) if peak else None})
+                mfu = flops_per_token * tokens_per_sec / (peak * cluster.world_size) if peak else None
+                run_log.write({"kind": "train", "step": step + 1, "epoch": loader.epoch, "lr": lr,
+                               "gamma_max": ceiling, "gamma": gamma,
+                               "mask_rate": stats[1].item() / max(1.0, stats[2].item()),
+                               "train_loss": train_loss, "grad_norm": grad_norm,
+                               "tokens_per_sec": tokens_per_sec, "mfu": mfu})
                 if master:
-                    print(f"step {step + 1}/{max_steps} epoch {loader.epoch:.2f} loss {train_loss:.4f} lr {lr:.2e} "
-                          f"gamma_max {ceiling:.3f} grad_norm {grad_norm:.3f} {tokens_per_sec:,.0f} tok/s")
+                    print(f"step {step + 1}/{max_steps} epoch {loader.epoch:.2f} loss {train_loss:.4f} "
+                          f"lr {lr:.2e} gamma_max {ceiling:.3f} grad_norm {grad_norm:.3f} "
+                          f"{tokens_per_sec:,.0f} tok/s")
     except KeyboardInterrupt:
-        since = f"since the checkpoint at step {saved_step} will be redone with --resume=True" if saved_step is not None \
-            else "are lost: no checkpoint was saved yet"
-        raise TrainingStopped(f"interrupted at step {loader.step}; the {loader.step - (saved_step or 0)} steps {since}") \
-            from None
+        raise TrainingStopped(interrupted_message(loader.step, saved_step)) from None
     if master:
         print(f"done: best target val loss {best['val_loss']:.4f} at epoch {best['epoch']:.2f}; "
               f"exported to {out_dir / 'best'}")

@@ -17,14 +17,17 @@ import pytest
 import torch
 
 import train
+from checkpoint import read_train_state, write_durably
 from data.loader import load_meta, read_windows
 from model import replace_durably
 from test_train import ROOT, args_for, records, run, workspace  # noqa: F401 (workspace: the shared fixture)
 
 
 def start(args):
+    # A shell's background job ignores SIGINT, and so would a child of it: Ctrl-C is made to count again.
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_step(out_dir, step, process, timeout=120):
@@ -235,8 +238,9 @@ def test_unreadable_entropy_cache_and_empty_checkpoint(workspace, tmp_path):
     with pytest.raises(ValueError, match=f"entropy cache {re.escape(str(cache))} is unreadable .* delete it"):
         train.main(args_for(workspace, tmp_path / "second", target_data=data, max_steps=1))
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "ckpt.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match="ckpt.pt is not a readable checkpoint .* empty or truncated"):
+    (tmp_path / "empty" / "ckpt").mkdir(parents=True)
+    (tmp_path / "empty" / "ckpt" / "train_state.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="ckpt is not a readable checkpoint .* empty or truncated"):
         train.main(args_for(workspace, tmp_path / "empty", resume=True))
 
 
@@ -286,9 +290,9 @@ def test_renamed_files_are_on_disk_first_and_follow_the_umask(tmp_path, monkeypa
     monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(str(a)), real_replace(a, b)))
     previous = os.umask(0o027)
     try:
-        path = tmp_path / "ckpt.pt"
-        train.save_checkpoint(path, {"x": torch.zeros(3)})
-        assert synced == renamed == [str(path.with_name(f"ckpt.pt.{os.getpid()}.tmp"))]
+        path = tmp_path / "config.json"
+        write_durably(path, "{}")
+        assert synced == renamed == [str(path.with_name(f"config.json.{os.getpid()}.tmp"))]
         from safetensors.torch import save_file
         save_file({"x": torch.zeros(2)}, str(tmp_path / "cache.tmp"))
         replace_durably(tmp_path / "cache.tmp", tmp_path / "cache.safetensors")
@@ -304,7 +308,7 @@ def test_sigint_says_in_one_line_how_many_steps_will_be_redone(workspace, tmp_pa
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate()
     assert process.returncode == 1, (process.returncode, stdout[-2000:], stderr[-2000:])
-    saved = torch.load(out / "ckpt.pt", weights_only=False)["loader"]["step"]
+    saved = read_train_state(out / "ckpt")["loader"]["step"]
     line = stderr.strip().splitlines()[-1]  # after the entropy cache's progress bar, if it was built
     assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr
     match = re.fullmatch(r"error: interrupted at step (\d+); the (\d+) steps since the checkpoint at step (\d+) "

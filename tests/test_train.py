@@ -14,7 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import parallel
 import train
+from checkpoint import load_training_state, read_train_state
 from data.embedded import format_problem, generate_problems, stdlib_documents
 from data.loader import DatasetWriter
 from model import ModelConfig, Transformer
@@ -89,8 +91,13 @@ def test_two_ranks_match_one_process_with_twice_the_accumulation(workspace, tmp_
     assert "already holds this finished run" in again.stdout
 
 
-def final_state(out_dir):
-    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=False)
+def final_state(out_dir, base):
+    """A run's checkpoint as one dictionary: its train_state.pt, and under "model" the weights, read
+    back into a model of the base checkpoint's shape."""
+    state = read_train_state(Path(out_dir) / "ckpt")
+    model = Transformer.from_pretrained(base)
+    load_training_state(Path(out_dir) / "ckpt", model)
+    return {**state, "model": model.state_dict()}
 
 
 @pytest.mark.parametrize("method", ["entrodrop", "hidden_dropout"])
@@ -111,12 +118,12 @@ def test_resume_after_sigkill_is_bitwise_identical(workspace, tmp_path, method):
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed = final_state(interrupted)
+    killed = final_state(interrupted, workspace / "base")
     assert not killed["finished"] and killed["loader"]["step"] == 60
 
     result = run(args_for(workspace, interrupted, **extra, resume=True))
     assert "resuming from" in result.stdout
-    whole, resumed = final_state(tmp_path / "whole"), final_state(interrupted)
+    whole, resumed = final_state(tmp_path / "whole", workspace / "base"), final_state(interrupted, workspace / "base")
     assert resumed["finished"]
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
@@ -194,7 +201,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp
     out = tmp_path / "guard"
     guard(workspace, tmp_path, "non-finite training at step", method="baseline", learning_rate=1e30,
           min_lr=1e30, grad_clip=0.0, checkpoint_interval=1, eval_interval=0)
-    checkpoint = final_state(out)
+    checkpoint = final_state(out, workspace / "base")
     assert not checkpoint["finished"]
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
 
@@ -251,8 +258,9 @@ def test_accuracy_counts_correct_greedy_answers(workspace, monkeypatch, tmp_path
                                 for q, a in (("one", 7), ("two", 9), ("three", "1250"))))
     config = train.Config(micro_batch_size=2)
     val = torch.randint(0, 256, (2, 33))
-    results = train.evaluate(model, config, val, val[:1], None, train.read_problems(problems, "embedded"), tokenizer,
-                             0, 1, torch.autocast("cpu", enabled=False))
+    sets = train.EvalSets(val, val[:1], train.read_problems(problems, "embedded"))
+    cluster = parallel.Cluster(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
+    results = train.evaluate(model, config, sets, tokenizer, cluster, torch.autocast("cpu", enabled=False))
     assert results["accuracy"] == 2 / 3 and results["val_loss_low"] is None and results["val_loss"] > 0
 
 
@@ -261,7 +269,7 @@ def test_exports_every_few_epochs_and_at_the_end(workspace, tmp_path):
     run(args_for(workspace, out, method="baseline", epochs=3.0, export_every=2))
     assert sorted(p.name for p in (out / "epochs").iterdir()) == ["2", "3"]
     final = Transformer.from_pretrained(out / "epochs" / "3")
-    state = final_state(out)["model"]
+    state = final_state(out, workspace / "base")["model"]
     assert all(torch.equal(p, state[n]) for n, p in final.named_parameters())  # the weights training ended with
     assert load_tokenizer(str(out / "epochs" / "2")).fingerprint == load_tokenizer("byte").fingerprint
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary folders left
