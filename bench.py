@@ -134,6 +134,56 @@ def median_seconds(fn, device, repeats):
     return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
+def block_activation_bytes(config, bf16):
+    """Bytes that one Block keeps for backward per token, counted from the tensors its operations
+    save (model.py): each RMSNorm its input; each Linear its input (under autocast a separate bf16
+    copy per Linear); Qwen3's q/k norms their inputs; attention (flash or memory-efficient SDPA) its
+    q, k, v, output and log-sum-exp, and o_proj the output's reshaped copy; the SwiGLU MLP the gate
+    and up projections, the SiLU and the product. The residual stream stays fp32. This is the
+    per-layer count of Korthikanti et al., 2022 ("Reducing Activation Recomputation in Large
+    Transformer Models", Sec. 4: 34 s b h bytes for a GPT layer) done for this block, where
+    attention keeps no (s, s) scores."""
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    act = 2 if bf16 else 4                          # bytes of a matmul input or output
+    norm_inputs = 2 * h * 4                         # the fp32 residual stream into the two RMSNorms
+    linear_inputs = (3 + 2) * h * act if bf16 else 2 * h * act  # one copy per Linear, or one shared
+    qk_norm = (q + kv) * act if config.model_type == "qwen3" else 0
+    attention = (q + 2 * kv) * act + 2 * q * act + config.num_attention_heads * 4  # q,k,v; out, copy; lse
+    mlp = 4 * i * act
+    return norm_inputs + linear_inputs + qk_norm + attention + mlp
+
+
+def training_memory(config, seq_len, micro_batch, ranks, fsdp, activation_checkpointing, bf16=True):
+    """Estimated peak bytes per GPU of one training step -> (states, activations).
+    States: fp32 weights, gradients and AdamW's two moments, 16 bytes per parameter (Rajbhandari et
+    al., 2020, ZeRO, Sec. 3.1), whole on every rank under DDP, plus autocast's bf16 copy of the
+    weights held from forward to backward (2 bytes per parameter). FSDP keeps 16/ranks bytes per
+    parameter, and whole only what is in flight: the root's weights in bf16 (embeddings, head) from
+    forward to backward, two blocks' bf16 weights (the current one and the one prefetched), and one
+    block's gradients in bf16 and in fp32 for the reduce-scatter.
+    Activations: block_activation_bytes per token and layer; with activation checkpointing each
+    block keeps only its fp32 input, and one block's activations exist again during its recompute.
+    The head's fused loss adds its fp32 gradient of the hidden states and at most 512 MB of chunks."""
+    with torch.device("meta"):  # shapes only: no memory, even for 8B
+        model = Transformer(config)
+    params = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    root = params - block * config.num_hidden_layers
+    if fsdp:
+        states = 16 * params / ranks + 2 * root + 2 * 2 * block + (2 + 4) * block
+    else:
+        states = 16 * params + (2 * params if bf16 else 0)
+    tokens = seq_len * micro_batch
+    per_layer = block_activation_bytes(config, bf16) * tokens
+    if activation_checkpointing:
+        layers = config.num_hidden_layers * tokens * config.hidden_size * 4 + per_layer
+    else:
+        layers = config.num_hidden_layers * per_layer
+    head = tokens * config.hidden_size * 4 * 2 + min(512 * 2**20, tokens * config.vocab_size * 4)
+    return states, layers + head
+
+
 def resident_bytes(field):
     """VmRSS (now) or VmHWM (peak since the last reset) of this process, from Linux's /proc."""
     with open("/proc/self/status") as f:
@@ -151,6 +201,7 @@ def peak_memory_child(what, config, batch, seq_len, device, dtype, queue):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
     else:
         model = Transformer(config).to(device)
+        model.activation_checkpointing = what == "ours, activation checkpointing"
     inputs = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -175,7 +226,14 @@ def peak_memory(what, config, batch, seq_len, device, dtype):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=peak_memory_child, args=(what, config, batch, seq_len, device, dtype, queue))
-    process.start()
+    # glibc would keep freed blocks below its mmap threshold (which grows to 32 MB) for reuse, and the
+    # peak RSS would count memory that no tensor holds; with a fixed 128 KB threshold every tensor of
+    # any size is mapped on its own and returned when freed. Read by the child's C library at start.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    try:
+        process.start()
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
     result = queue.get()
     process.join()
     return result
@@ -221,6 +279,39 @@ def generation_rows(config, device, autocast, rows=8, new_tokens=24):
     return found
 
 
+def activation_rows(config, device, dtype, batch, seq_len, layers=(2, 6)):
+    """The activation formula behind the README's memory table (training_memory), checked where it
+    can be: the extra peak of a training step at two depths, per added block, against the formula.
+    Without checkpointing a block adds its saved activations (block_activation_bytes); with it, only
+    its fp32 input (its gradients, counted among the states, replace freed activations)."""
+    bf16 = dtype == torch.bfloat16
+    tokens = batch * seq_len
+    predicted = {"ours": block_activation_bytes(config, bf16) * tokens,
+                 "ours, activation checkpointing": config.hidden_size * 4 * tokens}
+    found = []
+    for what, formula in predicted.items():
+        shallow, deep = (peak_memory(what, replace(config, num_hidden_layers=n), batch, seq_len, device, dtype)
+                         for n in layers)
+        per_block = (deep - shallow) / (layers[1] - layers[0])
+        found.append((f"SmolLM2-135M shape, {tokens:,} tokens: training peak per block, {what}, measured | formula",
+                      f"{per_block / 2**20:,.1f} | {formula / 2**20:,.1f} MiB", f"{per_block / formula:.2f}x"))
+    return found
+
+
+def print_memory_table(seq_len=4096, micro_batch=1, ranks=8):
+    """Per-GPU GiB (states + activations = total) of a bf16 training step, from training_memory."""
+    settings = [(f"{'FSDP' if fsdp else 'DDP'} x {ranks}{', AC' if ac else ''}", fsdp, ac)
+                for fsdp in (False, True) for ac in (False, True)]
+    print(f"per-GPU memory, GiB (states + activations), seq {seq_len:,}, micro-batch {micro_batch}, bf16 autocast")
+    print(f"{'model':<14}" + "".join(f"{label:>22}" for label, _, _ in settings))
+    for name in ("Qwen3-0.6B", "Qwen3-1.7B", "Llama-3.1-8B"):
+        cells = []
+        for _, fsdp, ac in settings:
+            states, activations = training_memory(MODEL_SIZES[name], seq_len, micro_batch, ranks, fsdp, ac)
+            cells.append(f"{states / 2**30:.1f} + {activations / 2**30:.1f} = {(states + activations) / 2**30:.0f}")
+        print(f"{name:<14}" + "".join(f"{cell:>22}" for cell in cells))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -231,7 +322,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--smoke", action="store_true",
                         help="toy sizes and one repeat everywhere: shows only that every row runs (gpu_check.py --dry)")
+    parser.add_argument("--memory_table", action="store_true",
+                        help="print the estimated per-GPU memory of the GPU presets' models (training_memory) and exit")
     args = parser.parse_args()
+    if args.memory_table:
+        return print_memory_table()
     if args.smoke:
         args.layers, args.seq_len, args.repeats = 1, 64, 1
     device = torch.device(args.device)
@@ -308,6 +403,8 @@ def main():
     rows.append((f"training step extra peak memory, seq {train_seq}, ours | transformers",
                  f"{ours_mem / 2**30:.2f} | {theirs_mem / 2**30:.2f} GiB",
                  f"{ours_mem / logits_bytes(train_seq):.2f}x | {theirs_mem / logits_bytes(train_seq):.2f}x one fp32 logits"))
+
+    rows += activation_rows(smol, device, dtype, *((1, 256) if args.smoke else (2, 2048)))
 
     if datasheet_peak:
         print(f"datasheet peak: {peak / 1e12:.0f} TFLOP/s (dense bf16)\n")

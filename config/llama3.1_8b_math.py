@@ -4,9 +4,11 @@
 # tokens on 0.02B unique target tokens is 30 target epochs (1B x 0.6 / 0.02B).
 #   torchrun --nproc_per_node=8 train.py config/llama3.1_8b_math.py --method=entrodrop
 # Paths: a HF checkpoint folder and two folders written by data/prepare.py.
-# Memory: plain DDP keeps on every GPU the fp32 weights, gradients and AdamW moments, 16 bytes per
-# parameter: 128 GB for 8B parameters, before activations. That needs GPUs larger than 80 GB;
-# this codebase does not shard the model (FSDP / ZeRO), which is what smaller GPUs would need.
+# Memory: plain DDP would keep on every GPU the fp32 weights, gradients and AdamW moments, 16 bytes
+# per parameter: 128 GB for 8B parameters, before activations. FSDP over 8 GPUs keeps an eighth of
+# them (about 19 GiB per GPU with the blocks in flight) plus about 27 GiB of activations at 4,096
+# tokens, 46 GiB in all: it fits 80 GB GPUs; with --activation_checkpointing=True about 22 GiB
+# (`python bench.py --memory_table`). FSDP needs torchrun, even on one node.
 init_from = "checkpoints/Llama-3.1-8B-Instruct"
 target_data = "data/numina"
 general_data = "data/infinity_instruct"
@@ -33,3 +35,4 @@ eval_interval = 50
 checkpoint_interval = 100
 log_interval = 1
 compile = True
+parallel = "fsdp"

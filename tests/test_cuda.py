@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from checkpoint import read_train_state
 from entropy import build_entropy_cache, cache_header, load_entropy_cache
 from model import ModelConfig, Transformer
 from test_model import TINY, hf_model
@@ -104,7 +106,7 @@ def test_kill_and_resume_on_cuda_continues_the_run(workspace, tmp_path):  # noqa
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert torch.load(interrupted / "ckpt.pt", weights_only=False)["loader"]["step"] == 40
+    assert read_train_state(interrupted / "ckpt")["loader"]["step"] == 40
     assert "resuming from" in run(args_for(workspace, interrupted, **extra, resume=True)).stdout
     for kind in ("train", "eval"):
         whole, resumed = records(tmp_path / "whole", kind), records(interrupted, kind)
@@ -122,3 +124,17 @@ def test_ddp_over_nccl_matches_one_process(workspace, tmp_path):  # noqa: F811
             assert abs(a[key] - b[key]) <= 1e-5, (a, b)
     assert os.path.exists(tmp_path / "ddp" / "best" / "model.safetensors")
     assert Path(tmp_path / "ddp" / "log.jsonl").read_text().count('"kind": "train"') == 24
+
+
+def test_fsdp_on_one_gpu_with_bf16_and_compile_follows_ddp(workspace, tmp_path):  # noqa: F811
+    """FSDP's mixed precision (bf16 weights in forward and backward, fp32 gradient reduction) and a
+    compiled block against DDP under bf16 autocast: the same run within bf16's precision; the tied
+    head and embedding stay one parameter in the export."""
+    settings = dict(method="entrodrop", max_steps=24, eval_interval=8, device="cuda", dtype="bfloat16")
+    run(args_for(workspace, tmp_path / "ddp", **settings), torchrun=True, nproc=1)
+    run(args_for(workspace, tmp_path / "fsdp", **settings, parallel="fsdp", compile=True), torchrun=True, nproc=1)
+    for kind, key in (("train", "train_loss"), ("eval", "val_loss")):
+        for a, b in zip(records(tmp_path / "ddp", kind), records(tmp_path / "fsdp", kind)):
+            assert abs(a[key] - b[key]) <= 0.02 * abs(a[key]), (a, b)
+    exported = load_file(tmp_path / "fsdp" / "best" / "model.safetensors")
+    assert "lm_head.weight" not in exported and "model.embed_tokens.weight" in exported
