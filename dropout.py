@@ -92,6 +92,33 @@ def token_dropout_mask(scores, target_rows, sample_index, seed, step, gamma, tar
     return sample_mask(eligible, gamma, target_rows, uniform)
 
 
+def row_scores(scores, sample_index, target_rows, seq_len) -> torch.Tensor:
+    """The gate's scores of a micro-batch, aligned to its input positions: scores (n_windows,
+    seq_len + 1) per target window, where column t scores token x_t (the entropy of predicting it
+    from x_<t; NaN at t = 0, which nothing predicts) -> (b, seq_len), the score of input x_t at
+    column t, and NaN on general rows (sample_index -1), which are never gated."""
+    rows = scores[sample_index.clamp(min=0), :seq_len]   # a copy: (b, seq_len)
+    rows[~target_rows] = math.nan
+    return rows
+
+
+def refresh_scores(scores, sample_index, entropy, fill_mask):
+    """Online scores: each target window's scores take the entropies of its latest training pass,
+    for its next visit. entropy (b, seq_len): position j's next-token entropy, which scores x_{j+1};
+    fill_mask (b, seq_len): the inputs that pass replaced by the mean embedding.
+    That pass saw masked inputs, so its context was perturbed. The reading kept here: x_{j+1}'s
+    score is refreshed only where input x_j was kept. Right after a filled position the model
+    predicts from e_bar, and that inflated entropy would wrongly shield x_{j+1} from the gate at
+    its next visit; there the previous score stays. scores (n_windows, seq_len + 1) is updated in
+    place; general rows (sample_index -1) are skipped."""
+    target = sample_index >= 0
+    windows = sample_index[target]
+    rows = scores[windows]                                # (k, seq_len + 1), a copy
+    kept = ~fill_mask[target]
+    rows[:, 1:][kept] = entropy[target][kept].to(scores.dtype)
+    scores[windows] = rows
+
+
 def neftune_noise(shape, sample_index, lengths, alpha, seed, step, device) -> torch.Tensor:
     """NEFTune: U(-1, 1) noise scaled by alpha / sqrt(L * d), L the row's real (unpadded) length,
     d the embedding width -> shape (b, T, d), to add to the input embeddings of target rows; zero

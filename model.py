@@ -228,30 +228,55 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+def chunk_softmax(logits, targets, probs_out=None):
+    """The numerically safe softmax of one chunk of the output head, shared by the fused loss and
+    the entropy pass. logits (n, vocab) float32, shifted in place by each row's peak; targets (n,) ->
+    probs (n, vocab) = softmax x total, written into probs_out, or over the logits themselves when
+    there is none; total (n, 1); nll (n,) = log-sum-exp minus the target's logit; and, when probs_out
+    left the shifted logits to spare, the entropy (n,) in nats (else None)."""
+    target_logit = logits.gather(1, targets[:, None])                         # (n, 1)
+    peak = logits.amax(dim=-1, keepdim=True)                                  # (n, 1)
+    shifted = logits.sub_(peak)                                               # log of softmax x total
+    probs = torch.exp(shifted, out=probs_out) if probs_out is not None else shifted.exp_()
+    total = probs.sum(dim=-1, keepdim=True)                                   # (n, 1)
+    nll = (peak + total.log() - target_logit).squeeze(1)                      # log-sum-exp - target
+    entropy = None
+    if probs_out is not None:
+        # With p = probs / total, log p = shifted - log(total): H = log(total) - sum(probs shifted) /
+        # total. The shifted logits stand in for log p (no log per vocabulary entry, the costliest
+        # step on a CPU), and are used up by the product, in place, leaving probs as they are.
+        entropy = (total.log() - shifted.mul_(probs).sum(dim=-1, keepdim=True) / total).squeeze(1)
+    return probs, total, nll, entropy
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of hidden @ weight.T against targets, in chunks of rows, so that the
     (N, vocab) logits never exist whole: at Qwen's 151,936-token vocabulary they would be 2.5 GB
     per 4,096 fp32 tokens. The gradient of cross-entropy is softmax - onehot, so each chunk's
-    gradients are formed right away and the logits are never stored or recomputed."""
+    gradients are formed right away and the logits are never stored or recomputed.
+    With with_entropy, each position's entropy under the current weights comes out too (N,), a
+    by-product of the softmax already formed (train.py's online scores); otherwise None."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows):
+    def forward(ctx, hidden, weight, targets, rows, with_entropy):
         # hidden (N, d), weight (vocab, d), targets (N,); `rows` per chunk
         N = hidden.shape[0]
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         grad_weight = None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(N, device=hidden.device) if with_entropy else None
+        # The entropy needs the shifted logits beside the probabilities: one more buffer, reused.
+        probs_buffer = torch.empty(min(rows, N), weight.shape[0], device=hidden.device) if with_entropy else None
         for start in range(0, N, rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
             logits = h @ weight.T                                         # (n, vocab)
             matmul_dtype = logits.dtype                                   # bf16 under autocast
-            logits = logits.float()
-            target_logit = logits.gather(1, t[:, None])                   # (n, 1)
-            peak = logits.amax(dim=-1, keepdim=True)                      # (n, 1)
-            probs = logits.sub_(peak).exp_()                              # in place: softmax times total
-            total = probs.sum(dim=-1, keepdim=True)                       # (n, 1)
-            loss += (peak + total.log() - target_logit).sum()             # log-sum-exp minus target logit
+            probs_out = probs_buffer[:len(t)] if with_entropy else None
+            probs, total, nll, chunk_entropy = chunk_softmax(logits.float(), t, probs_out)
+            loss += nll.sum()
+            if with_entropy:
+                entropy[start:start + rows] = chunk_entropy
             if want_grad:
                 dlogits = probs.div_(total)                               # softmax
                 dlogits[torch.arange(len(t), device=t.device), t] -= 1.0  # minus onehot
@@ -260,14 +285,16 @@ class LinearCrossEntropy(torch.autograd.Function):
                 part = (dlogits.T @ (h / N)).float()  # 1/N on the small factor, not on (vocab, d)
                 grad_weight = part if grad_weight is None else grad_weight.add_(part)
         ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype  # results, not inputs: on ctx
-        return loss / N
+        if with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return loss / N, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_entropy):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None  # freed as soon as autograd is done with them
         # In place, since a fresh (vocab, d) tensor costs a page fault per 4 KB on a CPU.
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None
 
 
 @torch.no_grad()
@@ -282,16 +309,9 @@ def head_statistics(hidden, weight, targets, rows):
     probs_buffer = torch.empty(rows, weight.shape[0], device=hidden.device)
     for start in range(0, len(hidden), rows):
         h = hidden[start:start + rows]
-        logits = torch.matmul(h, weight.T, out=logits_buffer[:len(h)]).float()  # (n, vocab); a copy only if bf16
-        target_logit = logits.gather(1, targets[start:start + rows, None]).squeeze(1)
-        peak = logits.amax(dim=-1, keepdim=True)                              # (n, 1)
-        shifted = logits.sub_(peak)                                           # in place: log of softmax x total
-        probs = torch.exp(shifted, out=probs_buffer[:len(h)])                # softmax x total
-        total = probs.sum(dim=-1)                                             # (n,)
-        # With p = probs / total, log p = shifted - log(total): H = log(total) - sum(probs shifted) / total.
-        # Reusing the shifted logits as log p skips a log per vocabulary entry, the costliest step on a CPU.
-        entropy[start:start + rows] = total.log() - probs.mul_(shifted).sum(dim=-1) / total
-        nll[start:start + rows] = peak.squeeze(1) + total.log() - target_logit  # log-sum-exp minus target
+        logits = torch.matmul(h, weight.T, out=logits_buffer[:len(h)]).float()  # a copy only if bf16
+        _, _, nll[start:start + rows], entropy[start:start + rows] = chunk_softmax(
+            logits, targets[start:start + rows], probs_buffer[:len(h)])
     return entropy, nll
 
 
@@ -368,11 +388,12 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, idx, targets=None, fill_mask=None, embedding_noise=None, per_token=False, caches=None,
-                pad_lengths=None):
+                pad_lengths=None, with_entropy=False):
         """idx (B, T) ->
         - logits (B, T, vocab);
         - with targets (B, T): (None, mean cross-entropy), the loss fused with the output head, so
-          training never materializes the full logits (see LinearCrossEntropy);
+          training never materializes the full logits (see LinearCrossEntropy); with_entropy: the
+          entropy of every position's next-token distribution (B, T) in place of None, at no extra pass;
         - with targets and per_token: (entropy, nll), each (B, T) float32: the next-token
           distribution's entropy and the actual target's loss at every position (head_statistics);
         - with caches (generation, see body): the logits of the last position only, (B, vocab).
@@ -392,7 +413,10 @@ class Transformer(nn.Module):
                 head = head.to(torch.get_autocast_dtype(device))
             entropy, nll = head_statistics(flat.to(head.dtype), head, targets, self.head_chunk_rows(len(flat), 2))
             return entropy.view(idx.shape), nll.view(idx.shape)
-        return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets, self.head_chunk_rows(len(flat)))
+        buffers = 2 if with_entropy else 1
+        loss, entropy = LinearCrossEntropy.apply(flat, self.lm_head.weight, targets,
+                                                 self.head_chunk_rows(len(flat), buffers), with_entropy)
+        return (entropy.view(idx.shape) if with_entropy else None), loss
 
     def head_chunk_rows(self, n_rows, buffers=1):
         """Rows per chunk when the output head runs over n_rows positions: at most 512 MB in all for

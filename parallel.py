@@ -91,6 +91,13 @@ def set_gradient_sync(train_model, enabled):
         train_model.require_backward_grad_sync = enabled
 
 
+def gather_from_all_ranks(tensor, world_size):
+    """Every rank's tensor of the same shape, concatenated in rank order along the first dimension."""
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
 def equal_share(n_items, rank, world_size, batch):
     """This rank's batches when n_items are split across ranks: in every block of world_size * batch
     items, rank r takes [r * batch, (r + 1) * batch). Every rank gets the same number of batches: one

@@ -33,6 +33,17 @@ def turning_epoch(epochs, losses, window=3):
     return float(epochs[min(range(len(smoothed)), key=smoothed.__getitem__)])
 
 
+def turn_by_patience(epochs, losses, patience):
+    """j0 found during the run itself, with no baseline: once the target validation loss has not
+    improved on its best for `patience` evaluations in a row, the epoch of that best evaluation
+    (where the curve turned, as Sec. 3.3 reads it off a baseline); None while it still improves.
+    epochs, losses: the run's evaluations so far."""
+    if not losses:
+        return None
+    best = min(range(len(losses)), key=losses.__getitem__)  # the first of equal minima
+    return float(epochs[best]) if len(losses) - 1 - best >= patience else None
+
+
 def learning_rate_at(step, learning_rate, min_lr, warmup_steps, max_steps):
     """Linear warmup over warmup_steps, then cosine decay from learning_rate to min_lr at max_steps.
     min_lr == learning_rate gives a constant rate after warmup (the CPU demo uses that)."""

@@ -31,18 +31,19 @@ from torch.distributed.tensor import DTensor
 from checkpoint import (export, interrupts_held, load_training_state, lock_out_dir, read_train_state,
                         save_training_state, write_durably)
 from data.loader import MixtureLoader, load_meta, read_windows, verify_checksums
-from dropout import HIDDEN_DROPOUT, TARGETING_MODES, draw_gamma, neftune_noise, seed_for, token_dropout_mask
+from dropout import (HIDDEN_DROPOUT, TARGETING_MODES, draw_gamma, neftune_noise, refresh_scores, row_scores,
+                     seed_for, token_dropout_mask)
 from entropy import build_entropy_cache, cache_header, default_cache_path, load_entropy_cache, token_entropies
 from evaluate import FORMATS, read_problems, score
 from model import ModelConfig, Transformer
-from parallel import PARALLEL_MODES, equal_share, reshard, set_gradient_sync, start, wrap
-from schedule import gamma_max_at, learning_rate_at, turning_epoch
+from parallel import PARALLEL_MODES, equal_share, gather_from_all_ranks, reshard, set_gradient_sync, start, wrap
+from schedule import gamma_max_at, learning_rate_at, turn_by_patience, turning_epoch
 from tokenizer import load_tokenizer
 
 METHODS = ("baseline", "weight_decay", "hidden_dropout", "neftune", "token_dropout", "entrodrop")
 TOKEN_DROPOUT_METHODS = ("token_dropout", "entrodrop")
 TOKEN_DROPOUT_KEYS = {"gamma_max", "gate_percentile", "targeting", "score", "curriculum", "curriculum_sharpness",
-                      "curriculum_midpoint", "curriculum_unit", "fill"}
+                      "curriculum_midpoint", "curriculum_unit", "fill", "score_source"}
 # Settings a run may be resumed with changed: where it lives, and how the same global batch is split
 # and computed (another GPU, another number of ranks, sharded or not, recomputed activations).
 RESUMABLE_KEYS = {"resume", "out_dir", "micro_batch_size", "parallel", "activation_checkpointing", "compile"}
@@ -79,11 +80,15 @@ class Config:
     gate_percentile: float = 0.5               # entrodrop: share of each row's tokens eligible, Eq. (2)
     targeting: str = "low"                     # entrodrop: "low" (EntroDrop), "high" or "random" (ablations)
     score: str = "entropy"                     # entrodrop: rank tokens by "entropy" or "nll" (confidence)
+    score_source: str = "static"               # entrodrop: "static", the base model's scores (the paper),
+                                               # or "online": each window's entropies under the current
+                                               # model, from its latest training pass (dropout.refresh_scores)
     curriculum: str = "sigmoid"                # token dropout: "sigmoid" (Eq. 4) or "constant" (fixed ratio)
     curriculum_sharpness: float = 1.0          # k of Eq. (4), per curriculum_unit
     curriculum_midpoint: float | str = 9.0     # j0 of Eq. (4), in curriculum_unit: where the baseline's
                                                # target val loss bottoms (Sec. 3.3); epoch 9 in the demo.
-                                               # "auto:<folder>": read it off the baseline run(s) there
+                                               # "auto:<folder>": read it off the baseline run(s) there;
+                                               # "patience:<P>": found during the run (turn_by_patience)
     curriculum_unit: str = "epoch"             # "epoch" (target epochs) or "step" (optimizer steps)
     fill: str = "mean"                         # token dropout: "mean" embedding (Eq. 1) or "zero" (A.3)
     neftune_alpha: float = 5.0                 # neftune: noise scale alpha / sqrt(L * d)
@@ -196,19 +201,29 @@ def validate(c: Config, world_size):
         require(getattr(c, key) == default or owner_ok,
                 f"{key}={getattr(c, key)!r} is an option of token dropout methods, not of method={c.method}")
     require(c.score == "entropy" or c.targeting != "random", "score='nll' has no effect with targeting='random'")
-    require(not isinstance(c.curriculum_midpoint, str) or
-            (c.curriculum_midpoint.startswith("auto:") and c.curriculum_unit == "epoch"),
-            f"curriculum_midpoint={c.curriculum_midpoint!r} must be a number, or 'auto:<baseline out_dir>' "
-            "with curriculum_unit='epoch'")
+    midpoint = c.curriculum_midpoint
+    require(not isinstance(midpoint, str) or c.curriculum_unit == "epoch" and (
+        midpoint.startswith("auto:") or midpoint.startswith("patience:") and midpoint[9:].isdigit()
+        and int(midpoint[9:]) >= 1),
+        f"curriculum_midpoint={midpoint!r} must be a number, 'auto:<baseline out_dir>' or 'patience:<P>' "
+        "with a whole P >= 1 (evaluations without improvement), and curriculum_unit='epoch'")
+    require(c.score_source in ("static", "online"), f"score_source={c.score_source!r} must be 'static' or 'online'")
+    require(c.score_source == "static" or c.method == "entrodrop" and c.score == "entropy"
+            and c.targeting != "random",
+            f"score_source='online' refreshes entropies that gate tokens: it needs method=entrodrop with "
+            f"score='entropy' and targeting 'low' or 'high' (got {c.method}, {c.score!r}, {c.targeting!r})")
     require(c.init_from != "scratch" or c.method in ("baseline", "weight_decay", "hidden_dropout"),
             f"method={c.method} perturbs inputs relative to a base model: init_from must be a checkpoint folder")
 
 
-def curriculum_midpoint(c) -> float:
+def curriculum_midpoint(c) -> float | None:
     """j0 of Eq. (4): the number given, or for "auto:<folder>" the turning epoch (schedule.py) of
-    every baseline run whose log.jsonl lies under that folder, averaged over them (seeds)."""
+    every baseline run whose log.jsonl lies under that folder, averaged over them (seeds); None for
+    "patience:<P>", found during the run."""
     if not isinstance(c.curriculum_midpoint, str):
         return c.curriculum_midpoint
+    if c.curriculum_midpoint.startswith("patience:"):
+        return None
     folder = Path(c.curriculum_midpoint.removeprefix("auto:"))
     turns = []
     for log in sorted(folder.rglob("log.jsonl")):
@@ -462,7 +477,33 @@ def evaluate_and_export(model, c, sets, tokenizer, cluster, autocast, at, best, 
         measured = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if v is not None)
         print(f"eval step {at['step']} epoch {at['epoch']:.2f}: {measured}, "
               f"best {best['val_loss']:.4f} at epoch {best['epoch']:.2f}")
-    return best
+    return best, results
+
+
+def midpoint_by_patience(c, evaluations, run_log, master):
+    """curriculum_midpoint="patience:<P>": j0 once the run's own target validation curve has turned
+    (schedule.turn_by_patience), logged as a curriculum record; None before. Until then gamma_max(j)
+    is 0; from then on Eq. (4) runs as it would with that j0 given by hand."""
+    epochs, losses = zip(*evaluations)
+    midpoint = turn_by_patience(epochs, losses, int(c.curriculum_midpoint.removeprefix("patience:")))
+    if midpoint is not None:
+        run_log.write({"kind": "curriculum", "midpoint": midpoint, "found_at_epoch": epochs[-1]})
+        if master:
+            print(f"curriculum midpoint j0 = epoch {midpoint:.2f}, found at epoch {epochs[-1]:.2f}")
+    return midpoint
+
+
+def refresh_online_scores(scores, step_entropies, cluster):
+    """score_source="online", after each step: the windows of that step take their fresh entropies
+    (dropout.refresh_scores). The ranks exchange theirs, so that all hold the same scores: a
+    window's next visit may fall to another rank. step_entropies: per micro-batch (sample_index,
+    entropy, fill_mask)."""
+    sample_index, entropy, fill_mask = (torch.cat(parts) for parts in zip(*step_entropies))
+    sample_index, fill_mask = sample_index.to(entropy.device), fill_mask.to(entropy.device, torch.uint8)
+    if cluster.distributed:  # every rank holds as many rows as any other
+        sample_index, entropy, fill_mask = (gather_from_all_ranks(t, cluster.world_size)
+                                            for t in (sample_index, entropy, fill_mask))
+    refresh_scores(scores, sample_index.cpu(), entropy.float().cpu(), fill_mask.bool().cpu())
 
 
 def main(argv):
@@ -484,7 +525,7 @@ def main(argv):
         return
     if master:
         print("config:", json.dumps(asdict(c)))
-    dropping = c.method in TOKEN_DROPOUT_METHODS
+    dropping, online = c.method in TOKEN_DROPOUT_METHODS, c.score_source == "online"
     # j0, read once: a resumed run keeps its midpoint, whatever its baseline folder holds now.
     midpoint = (resumed["midpoint"] if resumed else curriculum_midpoint(c)) if dropping else None
 
@@ -494,11 +535,14 @@ def main(argv):
     train_model = wrap(model, c.parallel, cluster, c.compile, bf16)  # FSDP shards `model` itself
     optimizer = make_optimizer(model, c, device)
     scores, sets.groups = base_entropies(c, model, cluster, autocast)
-    best = {"val_loss": math.inf, "epoch": None, "step": None}
+    if online:  # from the base model's, refreshed by training from here on (a resumed run: its own);
+        # in float32, not the cache's float16, whose steps (0.004 at 5 nats) would tie close scores
+        scores = resumed["online_scores"] if resumed else scores.float()
+    best, evaluations = {"val_loss": math.inf, "epoch": None, "step": None}, []
     if resumed:
         load_training_state(ckpt_dir, model, optimizer)
         loader.load_state_dict(resumed["loader"])
-        best = resumed["best"]
+        best, evaluations = resumed["best"], resumed["evaluations"]
         if master:
             print(f"resuming from {ckpt_dir} at step {loader.step}")
     if master:
@@ -506,7 +550,7 @@ def main(argv):
     run_log = RunLog(out_dir / "log.jsonl", master, resumed["log_lines"] if resumed else 0)
     if not resumed:
         run_log.write({"kind": "config", **asdict(c)})
-        if isinstance(c.curriculum_midpoint, str) and dropping:
+        if isinstance(c.curriculum_midpoint, str) and midpoint is not None:
             run_log.write({"kind": "curriculum", "midpoint": midpoint})
             if master:
                 print(f"curriculum midpoint j0 = epoch {midpoint:.2f}, from {c.curriculum_midpoint}")
@@ -524,14 +568,18 @@ def main(argv):
             due = step in (0, max_steps) or epoch_end or (c.eval_interval and step % c.eval_interval == 0)
             if due and step != resumed_step:
                 at = {"step": step, "epoch": epoch, "epoch_end": epoch_end, "last": step == max_steps}
-                best = evaluate_and_export(model, c, sets, tokenizer, cluster, autocast, at, best, run_log)
+                best, results = evaluate_and_export(model, c, sets, tokenizer, cluster, autocast, at, best,
+                                                    run_log)
+                evaluations.append((epoch, results["val_loss"]))
+                if dropping and midpoint is None:  # curriculum_midpoint="patience:P"
+                    midpoint = midpoint_by_patience(c, evaluations, run_log, master)
                 last_epoch = math.floor(epoch)
             if step == max_steps or (step > 0 and step % c.checkpoint_interval == 0):
                 with interrupts_held():  # a save is completed, not cut
                     save_training_state(ckpt_dir, model, optimizer, {
                         "loader": loader.state_dict(), "best": best, "config": asdict(c),
-                        "log_lines": run_log.lines, "finished": step == max_steps,
-                        "midpoint": midpoint}, cluster)
+                        "log_lines": run_log.lines, "finished": step == max_steps, "midpoint": midpoint,
+                        "evaluations": evaluations, "online_scores": scores if online else None}, cluster)
                     saved_step = step
             if step == max_steps:
                 break
@@ -543,18 +591,18 @@ def main(argv):
             torch.manual_seed(seed_for(c.seed, step, HIDDEN_DROPOUT, cluster.rank))
             j = epoch if c.curriculum_unit == "epoch" else step
             ceiling = gamma_max_at(j, c.gamma_max, c.curriculum_sharpness, midpoint, c.curriculum) \
-                if dropping else 0.0
+                if dropping and midpoint is not None else 0.0
             gamma = draw_gamma(c.seed, step, ceiling)
             lr = learning_rate_at(step, c.learning_rate, c.min_lr, c.warmup_steps, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             stats = torch.zeros(3, device=device, dtype=torch.float64)  # loss, masked, target tokens
+            step_entropies = []  # score_source="online": (sample_index, entropy, fill_mask) per micro-batch
             for micro, batch in enumerate(loader.next_batch()):
                 inputs, targets = to_device(batch.inputs, device), to_device(batch.targets, device)
                 target_rows, fill_mask, noise = batch.target_rows, None, None
                 if dropping:
-                    rows = scores[batch.sample_index.clamp(min=0), :c.seq_len]  # (b, seq_len) scores
-                    rows[~target_rows] = math.nan                               # general rows: never gated
+                    rows = row_scores(scores, batch.sample_index, target_rows, c.seq_len)  # (b, seq_len)
                     fill_mask = to_device(token_dropout_mask(rows, target_rows, batch.sample_index, c.seed,
                                                              step, gamma, targeting, c.gate_percentile), device)
                     stats[1] += fill_mask.sum()
@@ -565,12 +613,17 @@ def main(argv):
                 stats[2] += target_rows.sum() * c.seq_len
                 set_gradient_sync(train_model, micro == accumulation - 1)  # only on the last micro-step
                 with autocast:  # the fill (Eq. 1) happens in the model, at the positions of fill_mask
-                    _, loss = train_model(inputs, targets, fill_mask=fill_mask, embedding_noise=noise)
+                    entropy, loss = train_model(inputs, targets, fill_mask=fill_mask, embedding_noise=noise,
+                                                with_entropy=online)
+                if online:
+                    step_entropies.append((batch.sample_index, entropy.detach(), fill_mask))
                 # Each micro-batch's loss is a mean over its tokens; dividing by the number of
                 # micro-steps makes the summed gradients the mean over the global batch (DDP and FSDP
                 # average over ranks).
                 (loss / accumulation).backward()
                 stats[0] += loss.detach()
+            if online:
+                refresh_online_scores(scores, step_entropies, cluster)
             if cluster.distributed:
                 dist.all_reduce(stats)
             train_loss = stats[0].item() / (accumulation * cluster.world_size)

@@ -167,19 +167,28 @@ def test_left_padded_rows_generate_what_each_row_generates_alone():
     assert torch.equal(stopped[1, width:width + 4], batched[1, :4]) and (stopped[1, width + 4:] == 0).all()
 
 
-def test_fused_loss_matches_cross_entropy_in_chunks():
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_fused_loss_matches_cross_entropy_in_chunks(with_entropy):
+    """The loss and its gradients, and the entropy by-product (train.py's online scores), against a
+    brute-force softmax over the whole logits."""
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = torch.randn(300, 16, requires_grad=True)
     targets = torch.randint(0, 300, (50,))
-    loss = LinearCrossEntropy.apply(hidden, weight, targets, 7)  # 8 chunks, the last one short
+    loss, entropy = LinearCrossEntropy.apply(hidden, weight, targets, 7, with_entropy)  # 8 chunks, the last short
     (2.5 * loss).backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    reference = F.cross_entropy(hidden @ weight.T, targets)
+    logits = hidden @ weight.T
+    reference = F.cross_entropy(logits, targets)
     (2.5 * reference).backward()
     assert abs(loss.item() - reference.item()) <= 1e-5
     assert torch.allclose(grads[0], hidden.grad, atol=1e-6) and torch.allclose(grads[1], weight.grad, atol=1e-6)
+    if with_entropy:
+        p = torch.softmax(logits.detach().double(), dim=-1)
+        assert (entropy.double() - -(p * p.log()).sum(-1)).abs().max() <= 1e-5
+    else:
+        assert entropy is None
 
 
 def test_training_loss_and_gradients_match_transformers(tmp_path):
