@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dropout import draw_gamma, token_dropout_mask
+from dropout import draw_gamma, refresh_scores, token_dropout_mask
 from entropy import token_entropies
 from model import MODEL_SIZES, ModelConfig, Transformer
 from train import peak_flops
@@ -117,6 +117,17 @@ def entrodrop_mask(scores, step, device):
 def entrodrop_step(model, inputs, targets, scores, step, autocast):
     """A baseline step with EntroDrop's mask and fill."""
     train_step(model, False, inputs, targets, autocast, fill_mask=entrodrop_mask(scores, step, inputs.device))
+
+
+def online_entrodrop_step(model, inputs, targets, scores, table, step, autocast):
+    """An EntroDrop step with online scores: the entropies come out of the loss's softmax, and the
+    rows' scores in the (windows, seq_len + 1) table are refreshed from them (train.py)."""
+    fill_mask = entrodrop_mask(scores, step, inputs.device)
+    with autocast:
+        entropy, loss = model(inputs, targets, fill_mask=fill_mask, with_entropy=True)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    refresh_scores(table, torch.arange(len(inputs)), entropy.detach().float().cpu(), fill_mask.cpu())
 
 
 def entrodrop_added_work(embeddings, fill, upstream, scores, step):
@@ -381,6 +392,13 @@ def main():
                                        device, pairs)
         rows.append((f"{label}: EntroDrop step time vs baseline", f"{t_drop * 1e3:,.1f} ms vs {t_base * 1e3:,.1f} ms",
                      f"{ratio - 1:+.1%}"))
+        table = torch.rand(batch, seq_len + 1)
+        t_static, t_online, ratio = paired(
+            lambda: entrodrop_step(ours, inputs, targets, scores, next(counter), autocast),
+            lambda: online_entrodrop_step(ours, inputs, targets, scores, table,
+                                          next(counter), autocast), device, pairs)
+        rows.append((f"{label}: EntroDrop step, online scores vs static", f"{t_online * 1e3:,.1f} ms vs "
+                     f"{t_static * 1e3:,.1f} ms", f"{ratio - 1:+.1%}"))
         # The full-step ratio above carries the machine's noise; EntroDrop's additions timed alone do not.
         embeddings = torch.randn(batch, seq_len, config.hidden_size, device=device, requires_grad=True)
         fill, upstream = torch.randn(config.hidden_size, device=device), torch.randn_like(embeddings)

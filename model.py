@@ -254,8 +254,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     (N, vocab) logits never exist whole: at Qwen's 151,936-token vocabulary they would be 2.5 GB
     per 4,096 fp32 tokens. The gradient of cross-entropy is softmax - onehot, so each chunk's
     gradients are formed right away and the logits are never stored or recomputed.
-    With with_entropy, each position's entropy under the current weights comes out too (N,), a
-    by-product of the softmax already formed (train.py's online scores); otherwise None."""
+    With with_entropy, each position's entropy under the current weights comes out too (N,), at
+    the cost of a dot product per row (train.py's online scores); otherwise None. H = log-sum-exp
+    minus the softmax's mean logit, and that mean is h . (p @ weight), where p @ weight is a term
+    of the gradient of h, computed anyway: (p - onehot) @ weight. So H = nll - h . (dlogits @ weight),
+    with no second pass over the (n, vocab) probabilities."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, with_entropy):
@@ -265,23 +268,23 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         grad_weight = None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        if with_entropy and not want_grad:
+            raise ValueError("with_entropy comes from the gradient's terms: call it with gradients enabled")
         entropy = torch.empty(N, device=hidden.device) if with_entropy else None
-        # The entropy needs the shifted logits beside the probabilities: one more buffer, reused.
-        probs_buffer = torch.empty(min(rows, N), weight.shape[0], device=hidden.device) if with_entropy else None
         for start in range(0, N, rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
             logits = h @ weight.T                                         # (n, vocab)
             matmul_dtype = logits.dtype                                   # bf16 under autocast
-            probs_out = probs_buffer[:len(t)] if with_entropy else None
-            probs, total, nll, chunk_entropy = chunk_softmax(logits.float(), t, probs_out)
+            probs, total, nll, _ = chunk_softmax(logits.float(), t)
             loss += nll.sum()
-            if with_entropy:
-                entropy[start:start + rows] = chunk_entropy
             if want_grad:
                 dlogits = probs.div_(total)                               # softmax
                 dlogits[torch.arange(len(t), device=t.device), t] -= 1.0  # minus onehot
                 dlogits = dlogits.to(matmul_dtype)  # once here, not by autocast in each matmul below
-                grad_hidden[start:start + rows] = (dlogits @ weight) / N
+                grad_h = dlogits @ weight                                 # (n, d)
+                if with_entropy:
+                    entropy[start:start + rows] = nll - (h.float() * grad_h.float()).sum(dim=-1)
+                grad_hidden[start:start + rows] = grad_h / N
                 part = (dlogits.T @ (h / N)).float()  # 1/N on the small factor, not on (vocab, d)
                 grad_weight = part if grad_weight is None else grad_weight.add_(part)
         ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype  # results, not inputs: on ctx
@@ -392,8 +395,8 @@ class Transformer(nn.Module):
         """idx (B, T) ->
         - logits (B, T, vocab);
         - with targets (B, T): (None, mean cross-entropy), the loss fused with the output head, so
-          training never materializes the full logits (see LinearCrossEntropy); with_entropy: the
-          entropy of every position's next-token distribution (B, T) in place of None, at no extra pass;
+          training never materializes the full logits (see LinearCrossEntropy); with_entropy (in
+          training): the entropy of every position's next-token distribution (B, T) in place of None;
         - with targets and per_token: (entropy, nll), each (B, T) float32: the next-token
           distribution's entropy and the actual target's loss at every position (head_statistics);
         - with caches (generation, see body): the logits of the last position only, (B, vocab).
@@ -413,9 +416,8 @@ class Transformer(nn.Module):
                 head = head.to(torch.get_autocast_dtype(device))
             entropy, nll = head_statistics(flat.to(head.dtype), head, targets, self.head_chunk_rows(len(flat), 2))
             return entropy.view(idx.shape), nll.view(idx.shape)
-        buffers = 2 if with_entropy else 1
         loss, entropy = LinearCrossEntropy.apply(flat, self.lm_head.weight, targets,
-                                                 self.head_chunk_rows(len(flat), buffers), with_entropy)
+                                                 self.head_chunk_rows(len(flat)), with_entropy)
         return (entropy.view(idx.shape) if with_entropy else None), loss
 
     def head_chunk_rows(self, n_rows, buffers=1):
