@@ -9,9 +9,6 @@ from pathlib import PurePosixPath
 import pytest
 
 from data.embedded import (
-    _FEMALE_NAMES,
-    _MALE_NAMES,
-    FAMILIES,
     Problem,
     format_problem,
     generate_problems,
@@ -19,6 +16,7 @@ from data.embedded import (
     sample_problem,
     stdlib_documents,
 )
+from data.problem_families import _FEMALE_NAMES, _MALE_NAMES, FAMILIES
 
 CALCULATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
