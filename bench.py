@@ -148,7 +148,7 @@ def block_activation_bytes(config, bf16):
     act = 2 if bf16 else 4                          # bytes of a matmul input or output
     norm_inputs = 2 * h * 4                         # the fp32 residual stream into the two RMSNorms
     linear_inputs = (3 + 2) * h * act if bf16 else 2 * h * act  # one copy per Linear, or one shared
-    qk_norm = (q + kv) * act if config.model_type == "qwen3" else 0
+    qk_norm = (q + kv) * act if config.qk_norm else 0
     attention = (q + 2 * kv) * act + 2 * q * act + config.num_attention_heads * 4  # q,k,v; out, copy; lse
     mlp = 4 * i * act
     return norm_inputs + linear_inputs + qk_norm + attention + mlp

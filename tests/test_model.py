@@ -1,5 +1,6 @@
 """model.py against transformers: logits, RoPE, export, generation, fused loss, bad checkpoints."""
 
+import hashlib
 import json
 
 import pytest
@@ -9,7 +10,8 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Q
                           Qwen3Config, Qwen3ForCausalLM)
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from model import LinearCrossEntropy, ModelConfig, Transformer, rope_inverse_frequencies
+from model import (MODEL_SIZES, LinearCrossEntropy, ModelConfig, Transformer, config_from_hf,
+                   rope_inverse_frequencies)
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -87,12 +89,16 @@ def test_llama3_rope_inverse_frequencies_match_transformers():
     assert torch.allclose(rope_inverse_frequencies(ours), reference, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("config", [
-    ModelConfig(**TINY, head_dim=32, tie_word_embeddings=True),
-    ModelConfig(**{**TINY, "model_type": "qwen2"}, head_dim=16, tie_word_embeddings=False),
-    ModelConfig(**{**TINY, "model_type": "llama"}, head_dim=16, tie_word_embeddings=False, rope_theta=5e5,
-                rope_scaling={k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"}),
-], ids=["qwen3", "qwen2", "llama"])
+FAMILY_CONFIGS = {
+    "qwen3": ModelConfig(**TINY, head_dim=32, tie_word_embeddings=True),
+    "qwen2": ModelConfig(**{**TINY, "model_type": "qwen2"}, head_dim=16, tie_word_embeddings=False),
+    "llama": ModelConfig(**{**TINY, "model_type": "llama"}, head_dim=16, tie_word_embeddings=False,
+                         rope_theta=5e5,
+                         rope_scaling={k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"}),
+}
+
+
+@pytest.mark.parametrize("config", FAMILY_CONFIGS.values(), ids=FAMILY_CONFIGS)
 @pytest.mark.parametrize("max_shard_bytes", [2**30, 30_000], ids=["single", "sharded"])
 def test_export_round_trip(config, max_shard_bytes, tmp_path):
     torch.manual_seed(0)
@@ -119,6 +125,48 @@ def test_export_replaces_an_earlier_sharded_save(tmp_path):
     ours.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     Transformer.from_pretrained(tmp_path)
+
+
+CONFIG_JSON_SHA256 = {"qwen3": "f3f9e3c8a4eabc2a6705c86874c0a3b31cf5f4c6bbb8cc84dadf05714cf02096",
+                      "qwen2": "6aa3172ffa4549fed7d7bcb9e18c011eccfac1387fde23fc92cd9e0ab4a148ad",
+                      "llama": "2fc6824ff440727f9344a105763a09a9661ddfa30c191050ccb166bd358dfbcf"}
+
+
+@pytest.mark.parametrize("family", CONFIG_JSON_SHA256)
+def test_config_json_is_written_byte_for_byte_as_before(family, tmp_path):
+    """The entropy cache is keyed by the bytes of the base model's config.json
+    (entropy.checkpoint_fingerprint), so an export must keep writing exactly the same file."""
+    Transformer(FAMILY_CONFIGS[family]).save_pretrained(tmp_path)
+    digest = hashlib.sha256((tmp_path / "config.json").read_bytes()).hexdigest()
+    assert digest == CONFIG_JSON_SHA256[family]
+
+
+def test_attention_features_follow_the_family():
+    expected = {"qwen3": dict(attention_bias=False, qk_norm=True),
+                "qwen2": dict(attention_bias=True, qk_norm=False),
+                "llama": dict(attention_bias=False, qk_norm=False)}
+    hub_configs = {"qwen3": Qwen3Config(**TINY), "qwen2": Qwen2Config(**TINY), "llama": LlamaConfig(**TINY)}
+    for family, hub_config in hub_configs.items():
+        read = config_from_hf(hub_config.to_dict(), "config.json")
+        assert dict(attention_bias=read.attention_bias, qk_norm=read.qk_norm) == expected[family]
+        default = ModelConfig(model_type=family)
+        assert dict(attention_bias=default.attention_bias, qk_norm=default.qk_norm) == expected[family]
+    for name, config in MODEL_SIZES.items():
+        flags = dict(attention_bias=config.attention_bias, qk_norm=config.qk_norm)
+        assert flags == expected[config.model_type], name
+    # Qwen2 has q/k/v biases whatever its attention_bias key says.
+    qwen2 = {**Qwen2Config(**TINY).to_dict(), "attention_bias": False}
+    assert config_from_hf(qwen2, "config.json").attention_bias
+
+
+def test_attention_reads_the_flags_and_export_refuses_what_config_json_cannot_say():
+    config = ModelConfig(**{**TINY, "model_type": "llama"}, attention_bias=True, qk_norm=True)
+    model = Transformer(config)
+    attention = model.layers[0].self_attn
+    assert attention.q_proj.bias is not None and attention.v_proj.bias is not None
+    assert attention.o_proj.bias is None and hasattr(attention, "q_norm")
+    with pytest.raises(ValueError, match="a llama config.json cannot express"):
+        model.hf_config()
 
 
 def test_kv_cache_generation_equals_full_recompute():
