@@ -93,7 +93,8 @@ def generate_problems(n: int, seed: int) -> list[Problem]:
     return problems
 
 
-def make_splits(seed: int, n_train: int, n_val: int, n_test: int, n_pool: int) -> dict[str, list[Problem]]:
+def make_splits(seed: int, n_train: int, n_val: int, n_test: int,
+                n_pool: int) -> dict[str, list[Problem]]:
     """Cut one deduplicated list into "train", "val", "test" and "pool".
 
     "train" is the scarce target set, "val" is held out for loss, "test" is
@@ -118,7 +119,8 @@ def make_splits(seed: int, n_train: int, n_val: int, n_test: int, n_pool: int) -
 
 # Directories that are not the library proper: installed third-party packages,
 # the regression tests (huge and repetitive), and the bundled IDE and 2to3 converter.
-_SKIPPED_DIRECTORIES = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
+_SKIPPED_DIRECTORIES = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib",
+                                  "lib2to3", "__pycache__"})
 
 
 def stdlib_documents() -> list[tuple[str, str]]:
@@ -178,7 +180,8 @@ def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, 
                 "n_test": n_test, "n_pool": n_pool, "python": sys.version.split()[0],
                 "tokenizer": tokenizer.fingerprint}
     folders = {name: Path(out) / name for name in ("math", "math_pool", "general_base", "general")}
-    if all((f / "meta.json").exists() and json.loads((f / "meta.json").read_text())["source"] == settings
+    if all((f / "meta.json").exists()
+           and json.loads((f / "meta.json").read_text())["source"] == settings
            for f in folders.values()) and (folders["math"] / "test.jsonl").exists():
         print(f"{out}: the demo data for these settings already exists; reusing it")
         return
@@ -212,13 +215,19 @@ def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, 
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write the CPU demo's embedded data (no downloads).")
+    parser = argparse.ArgumentParser(
+        description="Write the CPU demo's embedded data (no downloads).")
     parser.add_argument("--out", default="out/demo/data", help="output folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n_train", type=int, default=300, help="problems in the scarce target set")
-    parser.add_argument("--n_val", type=int, default=100, help="held-out problems for validation loss")
+    parser.add_argument("--n_train", type=int, default=300,
+                        help="problems in the scarce target set")
+    parser.add_argument("--n_val", type=int, default=100,
+                        help="held-out problems for validation loss")
     parser.add_argument("--n_test", type=int, default=200, help="held-out problems for accuracy")
-    parser.add_argument("--n_pool", type=int, default=4000, help="problems for pre-training the base model")
-    parser.add_argument("--tokenizer", default="byte", help="'byte', or a checkpoint folder whose tokenizer to use")
+    parser.add_argument("--n_pool", type=int, default=4000,
+                        help="problems for pre-training the base model")
+    parser.add_argument("--tokenizer", default="byte",
+                        help="'byte', or a checkpoint folder whose tokenizer to use")
     args = parser.parse_args()
-    write_demo_data(args.out, args.seed, args.n_train, args.n_val, args.n_test, args.n_pool, args.tokenizer)
+    write_demo_data(args.out, args.seed, args.n_train, args.n_val, args.n_test, args.n_pool,
+                    args.tokenizer)
