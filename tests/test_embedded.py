@@ -134,7 +134,8 @@ def test_questions_and_names_vary():
 def test_splits_are_disjoint_sized_and_deterministic():
     sizes = dict(n_train=300, n_val=50, n_test=100, n_pool=1000)
     splits = make_splits(seed=3, **sizes)
-    assert {name: len(split) for name, split in splits.items()} == {"train": 300, "val": 50, "test": 100, "pool": 1000}
+    assert {name: len(split) for name, split in splits.items()} == {"train": 300, "val": 50,
+                                                                     "test": 100, "pool": 1000}
     questions = [{p.question for p in split} for split in splits.values()]
     assert sum(len(q) for q in questions) == len(set().union(*questions))
     assert make_splits(seed=3, **sizes) == splits
