@@ -3,14 +3,17 @@ Speed and memory, measured side by side in one run: our Transformer against tran
 implementation of the same architecture with the same weights, the entropy pass against a
 training step, an EntroDrop step against a baseline step, and peak memory at Qwen's vocabulary.
 
-    python bench.py                                         # CPU, fp32: demo, Qwen3-0.6B with 2 layers, SmolLM2
-    python bench.py --device cuda --dtype bfloat16 --compile  # GPU: the whole Qwen3-0.6B, 4 x 4096 tokens
+    python bench.py                                           # CPU, fp32: demo, Qwen3-0.6B with
+                                                              # 2 layers, SmolLM2
+    python bench.py --device cuda --dtype bfloat16 --compile  # GPU: the whole Qwen3-0.6B,
+                                                              # 4 x 4096 tokens
 
 Each comparison alternates the two sides after a warm-up and reports medians; a ratio is the
 median of ratios of adjacent pairs, so that a machine that slows down slows both sides of a pair.
 MFU is model FLOPs per second (6 per matmul weight per token, plus attention) over the device's
 peak: a known GPU's datasheet bf16 figure; elsewhere (a CPU) the best measured rate of a large
-matmul, taken at the start and at the end of the run (a shared machine can be slow at either moment).
+matmul, taken at the start and at the end of the run (a shared machine can be slow at either
+moment).
 """
 
 import argparse
@@ -31,8 +34,9 @@ from entropy import token_entropies
 from model import MODEL_SIZES, ModelConfig, Transformer
 from train import peak_flops
 
-DEMO = ModelConfig(model_type="qwen3", vocab_size=257, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=1024)
+DEMO = ModelConfig(model_type="qwen3", vocab_size=257, hidden_size=96, intermediate_size=256,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                   max_position_embeddings=1024)
 
 
 def cpu_name():
@@ -75,7 +79,8 @@ def paired(first, second, device, repeats):
 
 def matmul_peak(device, dtype, n=2048, repeats=10):
     """FLOP/s of the best of several n x n x n matmuls: the device's practical peak."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype),
+            torch.randn(n, n, device=device, dtype=dtype))
     return 2 * n ** 3 / min(seconds(lambda: a @ b, device) for _ in range(repeats + 1))
 
 
@@ -86,7 +91,8 @@ def model_pair(config, device, compile_models):
     ours = Transformer(config)
     with tempfile.TemporaryDirectory() as folder:
         ours.save_pretrained(folder)
-        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                      attn_implementation="sdpa")
     ours, theirs = ours.to(device).train(), theirs.to(device).train()
     if compile_models:
         # Forget the other size's compilation, or dynamo would retrace this one with a symbolic
@@ -107,16 +113,18 @@ def train_step(model, hf, inputs, targets, autocast, fill_mask=None):
 
 
 def entrodrop_mask(scores, step, device):
-    """What EntroDrop adds before the forward pass: gamma_j, the gate and the mask draws (Eqs. 2-3)."""
+    """What EntroDrop adds before the forward pass: gamma_j, the gate and the mask draws
+    (Eqs. 2-3)."""
     rows = len(scores)
     gamma = draw_gamma(0, step, 0.1)
-    return token_dropout_mask(scores, torch.ones(rows, dtype=torch.bool), torch.arange(rows), 0, step, gamma, "low",
-                              0.5).to(device)
+    return token_dropout_mask(scores, torch.ones(rows, dtype=torch.bool), torch.arange(rows), 0,
+                              step, gamma, "low", 0.5).to(device)
 
 
 def entrodrop_step(model, inputs, targets, scores, step, autocast):
     """A baseline step with EntroDrop's mask and fill."""
-    train_step(model, False, inputs, targets, autocast, fill_mask=entrodrop_mask(scores, step, inputs.device))
+    train_step(model, False, inputs, targets, autocast,
+               fill_mask=entrodrop_mask(scores, step, inputs.device))
 
 
 def online_entrodrop_step(model, inputs, targets, scores, table, step, autocast):
@@ -131,8 +139,8 @@ def online_entrodrop_step(model, inputs, targets, scores, table, step, autocast)
 
 
 def entrodrop_added_work(embeddings, fill, upstream, scores, step):
-    """EntroDrop's additions alone: the mask, then the fill (Eq. 1) forward and backward on (B, T, d)
-    embeddings, as in Transformer.body."""
+    """EntroDrop's additions alone: the mask, then the fill (Eq. 1) forward and backward on
+    (B, T, d) embeddings, as in Transformer.body."""
     mask = entrodrop_mask(scores, step, embeddings.device)
     torch.where(mask[..., None], fill, embeddings).backward(upstream)
     embeddings.grad = None
@@ -155,12 +163,14 @@ def block_activation_bytes(config, bf16):
     Transformer Models", Sec. 4: 34 s b h bytes for a GPT layer) done for this block, where
     attention keeps no (s, s) scores."""
     h, i = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    q, kv = (config.num_attention_heads * config.head_dim,
+             config.num_key_value_heads * config.head_dim)
     act = 2 if bf16 else 4                          # bytes of a matmul input or output
     norm_inputs = 2 * h * 4                         # the fp32 residual stream into the two RMSNorms
     linear_inputs = (3 + 2) * h * act if bf16 else 2 * h * act  # one copy per Linear, or one shared
-    qk_norm = (q + kv) * act if config.model_type == "qwen3" else 0
-    attention = (q + 2 * kv) * act + 2 * q * act + config.num_attention_heads * 4  # q,k,v; out, copy; lse
+    qk_norm = (q + kv) * act if config.qk_norm else 0
+    # q, k, v; the output and its copy; the log-sum-exp
+    attention = (q + 2 * kv) * act + 2 * q * act + config.num_attention_heads * 4
     mlp = 4 * i * act
     return norm_inputs + linear_inputs + qk_norm + attention + mlp
 
@@ -175,7 +185,8 @@ def training_memory(config, seq_len, micro_batch, ranks, fsdp, activation_checkp
     block's gradients in bf16 and in fp32 for the reduce-scatter.
     Activations: block_activation_bytes per token and layer; with activation checkpointing each
     block keeps only its fp32 input, and one block's activations exist again during its recompute.
-    The head's fused loss adds its fp32 gradient of the hidden states and at most 512 MB of chunks."""
+    The head's fused loss adds its fp32 gradient of the hidden states and at most 512 MB of
+    chunks."""
     with torch.device("meta"):  # shapes only: no memory, even for 8B
         model = Transformer(config)
     params = sum(p.numel() for p in model.parameters())
@@ -202,7 +213,8 @@ def resident_bytes(field):
 
 
 def peak_memory_child(what, config, batch, seq_len, device, dtype, queue):
-    """In a fresh process: extra peak memory (bytes) of one `what` over what was in use before it."""
+    """In a fresh process: extra peak memory (bytes) of one `what` over what was in use before
+    it."""
     torch.manual_seed(0)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     if what == "transformers":
@@ -236,10 +248,12 @@ def peak_memory_child(what, config, batch, seq_len, device, dtype, queue):
 def peak_memory(what, config, batch, seq_len, device, dtype):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=peak_memory_child, args=(what, config, batch, seq_len, device, dtype, queue))
-    # glibc would keep freed blocks below its mmap threshold (which grows to 32 MB) for reuse, and the
-    # peak RSS would count memory that no tensor holds; with a fixed 128 KB threshold every tensor of
-    # any size is mapped on its own and returned when freed. Read by the child's C library at start.
+    process = context.Process(target=peak_memory_child,
+                              args=(what, config, batch, seq_len, device, dtype, queue))
+    # glibc would keep freed blocks below its mmap threshold (which grows to 32 MB) for reuse, and
+    # the peak RSS would count memory that no tensor holds; with a fixed 128 KB threshold every
+    # tensor of any size is mapped on its own and returned when freed. Read by the child's C
+    # library at start.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     try:
         process.start()
@@ -251,12 +265,14 @@ def peak_memory(what, config, batch, seq_len, device, dtype):
 
 
 def generation_rows(config, device, autocast, rows=8, new_tokens=24):
-    """evaluate.py's greedy decoding: prompts of different lengths, left-padded into one batch, against
-    the same prompts one at a time, and against transformers' generate on the same padded batch."""
+    """evaluate.py's greedy decoding: prompts of different lengths, left-padded into one batch,
+    against the same prompts one at a time, and against transformers' generate on the same padded
+    batch."""
     ours, theirs, _ = model_pair(config, device, compile_models=False)
     ours.eval(), theirs.eval()
     torch.manual_seed(1)
-    prompts = [torch.randint(0, config.vocab_size, (n,), device=device) for n in range(24, 24 + 6 * rows, 6)]
+    prompts = [torch.randint(0, config.vocab_size, (n,), device=device)
+               for n in range(24, 24 + 6 * rows, 6)]
     width = max(len(p) for p in prompts)
     pad_lengths = torch.tensor([width - len(p) for p in prompts], device=device)
     idx = torch.stack([torch.cat((p.new_zeros(width - len(p)), p)) for p in prompts])
@@ -274,19 +290,20 @@ def generation_rows(config, device, autocast, rows=8, new_tokens=24):
                 ours.generate(prompt[None], new_tokens)
 
     @torch.no_grad()
-    def transformers_batched():  # min_new_tokens: the same number of steps, whatever the random weights emit
+    def transformers_batched():
+        # min_new_tokens: the same number of steps, whatever the random weights emit
         with autocast:
-            theirs.generate(idx, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                            do_sample=False, pad_token_id=0)
+            theirs.generate(idx, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
     tokens = rows * new_tokens
     label = f"SmolLM2-135M shape: greedy generation, {rows} prompts x {new_tokens} new tokens"
     t_batched, t_single, ratio = paired(batched, one_at_a_time, device, repeats=3)
-    found = [(f"{label}, tokens/s batched | one at a time", f"{tokens / t_batched:,.0f} | {tokens / t_single:,.0f}",
-              f"{ratio:.2f}x")]
+    found = [(f"{label}, tokens/s batched | one at a time",
+              f"{tokens / t_batched:,.0f} | {tokens / t_single:,.0f}", f"{ratio:.2f}x")]
     t_batched, t_theirs, ratio = paired(batched, transformers_batched, device, repeats=5)
-    found.append((f"{label}, tokens/s ours | transformers generate", f"{tokens / t_batched:,.0f} | {tokens / t_theirs:,.0f}",
-                  f"{ratio:.2f}x"))
+    found.append((f"{label}, tokens/s ours | transformers generate",
+                  f"{tokens / t_batched:,.0f} | {tokens / t_theirs:,.0f}", f"{ratio:.2f}x"))
     return found
 
 
@@ -301,11 +318,14 @@ def activation_rows(config, device, dtype, batch, seq_len, layers=(2, 6)):
                  "ours, activation checkpointing": config.hidden_size * 4 * tokens}
     found = []
     for what, formula in predicted.items():
-        shallow, deep = (peak_memory(what, replace(config, num_hidden_layers=n), batch, seq_len, device, dtype)
+        shallow, deep = (peak_memory(what, replace(config, num_hidden_layers=n), batch, seq_len,
+                                     device, dtype)
                          for n in layers)
         per_block = (deep - shallow) / (layers[1] - layers[0])
-        found.append((f"SmolLM2-135M shape, {tokens:,} tokens: training peak per block, {what}, measured | formula",
-                      f"{per_block / 2**20:,.1f} | {formula / 2**20:,.1f} MiB", f"{per_block / formula:.2f}x"))
+        found.append((f"SmolLM2-135M shape, {tokens:,} tokens: training peak per block, {what}, "
+                      "measured | formula",
+                      f"{per_block / 2**20:,.1f} | {formula / 2**20:,.1f} MiB",
+                      f"{per_block / formula:.2f}x"))
     return found
 
 
@@ -313,28 +333,37 @@ def print_memory_table(seq_len=4096, micro_batch=1, ranks=8):
     """Per-GPU GiB (states + activations = total) of a bf16 training step, from training_memory."""
     settings = [(f"{'FSDP' if fsdp else 'DDP'} x {ranks}{', AC' if ac else ''}", fsdp, ac)
                 for fsdp in (False, True) for ac in (False, True)]
-    print(f"per-GPU memory, GiB (states + activations), seq {seq_len:,}, micro-batch {micro_batch}, bf16 autocast")
+    print(f"per-GPU memory, GiB (states + activations), seq {seq_len:,}, "
+          f"micro-batch {micro_batch}, bf16 autocast")
     print(f"{'model':<14}" + "".join(f"{label:>22}" for label, _, _ in settings))
     for name in ("Qwen3-0.6B", "Qwen3-1.7B", "Llama-3.1-8B"):
         cells = []
         for _, fsdp, ac in settings:
-            states, activations = training_memory(MODEL_SIZES[name], seq_len, micro_batch, ranks, fsdp, ac)
-            cells.append(f"{states / 2**30:.1f} + {activations / 2**30:.1f} = {(states + activations) / 2**30:.0f}")
+            states, activations = training_memory(MODEL_SIZES[name], seq_len, micro_batch, ranks,
+                                                  fsdp, ac)
+            cells.append(f"{states / 2**30:.1f} + {activations / 2**30:.1f} = "
+                         f"{(states + activations) / 2**30:.0f}")
         print(f"{name:<14}" + "".join(f"{cell:>22}" for cell in cells))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--layers", type=int, default=0, help="Qwen3-0.6B layers (default: 2 on CPU, 28 on GPU)")
-    parser.add_argument("--seq_len", type=int, default=0, help="Qwen3-0.6B sequence (default: 512 on CPU, 4096 on GPU)")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="Qwen3-0.6B layers (default: 2 on CPU, 28 on GPU)")
+    parser.add_argument("--seq_len", type=int, default=0,
+                        help="Qwen3-0.6B sequence (default: 512 on CPU, 4096 on GPU)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--smoke", action="store_true",
-                        help="toy sizes and one repeat everywhere: shows only that every row runs (gpu_check.py --dry)")
+                        help="toy sizes and one repeat everywhere: shows only that every row runs "
+                             "(gpu_check.py --dry)")
     parser.add_argument("--memory_table", action="store_true",
-                        help="print the estimated per-GPU memory of the GPU presets' models (training_memory) and exit")
+                        help="print the estimated per-GPU memory of the GPU presets' models "
+                             "(training_memory) and exit")
     args = parser.parse_args()
     if args.memory_table:
         return print_memory_table()
@@ -348,18 +377,21 @@ def main():
     qwen_seq = args.seq_len or (4096 if gpu else 512)
     qwen_batch = 4 if gpu else 1  # on a GPU, the presets' micro-batch of 4 sequences
     name = torch.cuda.get_device_name(device) if gpu else cpu_name()
-    print(f"device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
-          f"compile={args.compile}")
+    print(f"device: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{args.dtype}, compile={args.compile}")
     datasheet_peak = peak_flops(device) if dtype == torch.bfloat16 else None
     peak = datasheet_peak or matmul_peak(device, dtype)
 
     rows = []
-    # (label, config, rows, tokens per row, every row of the table or only the speed against transformers)
-    smol = replace(MODEL_SIZES["SmolLM2-135M"], num_hidden_layers=2) if args.smoke else MODEL_SIZES["SmolLM2-135M"]
+    # (label, config, rows, tokens per row, every row of the table or only the speed against
+    # transformers)
+    smol = (replace(MODEL_SIZES["SmolLM2-135M"], num_hidden_layers=2) if args.smoke
+            else MODEL_SIZES["SmolLM2-135M"])
     sizes = (("demo (0.33M, vocab 257)", DEMO, *((2, 64) if args.smoke else (10, 256)), True),
-             (f"Qwen3-0.6B shape, {qwen.num_hidden_layers} layers", qwen, qwen_batch, qwen_seq, True),
-             (f"SmolLM2-135M shape, {smol.num_hidden_layers} layers (the real model of make real)", smol,
-              *((1, 32) if args.smoke else (8, 2048) if gpu else (4, 256)), False))
+             (f"Qwen3-0.6B shape, {qwen.num_hidden_layers} layers", qwen, qwen_batch, qwen_seq,
+              True),
+             (f"SmolLM2-135M shape, {smol.num_hidden_layers} layers (the real model of make real)",
+              smol, *((1, 32) if args.smoke else (8, 2048) if gpu else (4, 256)), False))
     for label, config, batch, seq_len, every_row in sizes:
         ours, theirs, raw = model_pair(config, device, args.compile)
         window = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
@@ -367,10 +399,12 @@ def main():
         tokens = batch * seq_len
         flops = raw.flops_per_token(seq_len) * tokens
         t_ours, t_hf, ratio = paired(lambda: train_step(ours, False, inputs, targets, autocast),
-                                     lambda: train_step(theirs, True, inputs, targets, autocast), device, args.repeats)
-        rows.append((f"{label}: fwd+bwd tokens/s, ours | transformers", f"{tokens / t_ours:,.0f} | {tokens / t_hf:,.0f}",
-                     f"{ratio:.2f}x"))
-        rows.append((f"{label}: MFU, ours | transformers", (flops / t_ours, flops / t_hf), ""))  # FLOP/s, over the peak below
+                                     lambda: train_step(theirs, True, inputs, targets, autocast),
+                                     device, args.repeats)
+        rows.append((f"{label}: fwd+bwd tokens/s, ours | transformers",
+                     f"{tokens / t_ours:,.0f} | {tokens / t_hf:,.0f}", f"{ratio:.2f}x"))
+        # FLOP/s, divided by the peak below
+        rows.append((f"{label}: MFU, ours | transformers", (flops / t_ours, flops / t_hf), ""))
         if not every_row:
             del ours, theirs, raw
             continue
@@ -378,34 +412,40 @@ def main():
         def entropy_pass():
             with torch.no_grad(), autocast:
                 token_entropies(raw, window, return_nll=True)
-        t_train, t_entropy, ratio = paired(lambda: train_step(ours, False, inputs, targets, autocast), entropy_pass,
-                                           device, args.repeats)
-        rows.append((f"{label}: entropy pass tokens/s vs training", f"{tokens / t_entropy:,.0f} vs {tokens / t_train:,.0f}",
-                     f"{1 / ratio:.2f}x"))
+        t_train, t_entropy, ratio = paired(
+            lambda: train_step(ours, False, inputs, targets, autocast), entropy_pass, device,
+            args.repeats)
+        rows.append((f"{label}: entropy pass tokens/s vs training",
+                     f"{tokens / t_entropy:,.0f} vs {tokens / t_train:,.0f}", f"{1 / ratio:.2f}x"))
         scores = torch.rand(batch, seq_len, dtype=torch.float16).float()
         scores[:, 0] = float("nan")
         counter = iter(range(10**9))
         # The two sides differ by ~1%, well inside one pair's noise: take a minute's worth of pairs.
         pairs = args.repeats if args.smoke else max(args.repeats, int(30 / t_train))
         t_base, t_drop, ratio = paired(lambda: train_step(ours, False, inputs, targets, autocast),
-                                       lambda: entrodrop_step(ours, inputs, targets, scores, next(counter), autocast),
+                                       lambda: entrodrop_step(ours, inputs, targets, scores,
+                                                              next(counter), autocast),
                                        device, pairs)
-        rows.append((f"{label}: EntroDrop step time vs baseline", f"{t_drop * 1e3:,.1f} ms vs {t_base * 1e3:,.1f} ms",
-                     f"{ratio - 1:+.1%}"))
+        rows.append((f"{label}: EntroDrop step time vs baseline",
+                     f"{t_drop * 1e3:,.1f} ms vs {t_base * 1e3:,.1f} ms", f"{ratio - 1:+.1%}"))
         table = torch.rand(batch, seq_len + 1)
         t_static, t_online, ratio = paired(
             lambda: entrodrop_step(ours, inputs, targets, scores, next(counter), autocast),
-            lambda: online_entrodrop_step(ours, inputs, targets, scores, table,
-                                          next(counter), autocast), device, pairs)
-        rows.append((f"{label}: EntroDrop step, online scores vs static", f"{t_online * 1e3:,.1f} ms vs "
-                     f"{t_static * 1e3:,.1f} ms", f"{ratio - 1:+.1%}"))
-        # The full-step ratio above carries the machine's noise; EntroDrop's additions timed alone do not.
-        embeddings = torch.randn(batch, seq_len, config.hidden_size, device=device, requires_grad=True)
-        fill, upstream = torch.randn(config.hidden_size, device=device), torch.randn_like(embeddings)
-        t_added = median_seconds(lambda: entrodrop_added_work(embeddings, fill, upstream, scores, next(counter)),
+            lambda: online_entrodrop_step(ours, inputs, targets, scores, table, next(counter), autocast),
+            device, pairs)
+        rows.append((f"{label}: EntroDrop step, online scores vs static",
+                     f"{t_online * 1e3:,.1f} ms vs {t_static * 1e3:,.1f} ms", f"{ratio - 1:+.1%}"))
+        # The full-step ratio above carries the machine's noise; EntroDrop's additions alone do not.
+        embeddings = torch.randn(batch, seq_len, config.hidden_size, device=device,
+                                 requires_grad=True)
+        fill, upstream = (torch.randn(config.hidden_size, device=device),
+                          torch.randn_like(embeddings))
+        t_added = median_seconds(lambda: entrodrop_added_work(embeddings, fill, upstream, scores,
+                                                              next(counter)),
                                  device, 5 * args.repeats)
         rows.append((f"{label}: EntroDrop's additions alone (mask, fill fwd+bwd)",
-                     f"{t_added * 1e3:,.2f} ms vs {t_base * 1e3:,.1f} ms", f"+{t_added / t_base:.2%}"))
+                     f"{t_added * 1e3:,.2f} ms vs {t_base * 1e3:,.1f} ms",
+                     f"+{t_added / t_base:.2%}"))
         del ours, theirs, raw
 
     rows += generation_rows(smol, device, autocast, *((2, 4) if args.smoke else ()))
@@ -415,12 +455,14 @@ def main():
     entropy_seq, train_seq = (256, 256) if args.smoke else (4096, 4096 if gpu else 1024)
     extra = peak_memory("entropy", memory_config, 1, entropy_seq, device, dtype)
     rows.append((f"entropy pass extra peak memory, vocab 151,936, seq {entropy_seq}",
-                 f"{extra / 2**30:.2f} GiB", f"{extra / logits_bytes(entropy_seq):.2f}x one fp32 logits"))
+                 f"{extra / 2**30:.2f} GiB",
+                 f"{extra / logits_bytes(entropy_seq):.2f}x one fp32 logits"))
     ours_mem = peak_memory("ours", memory_config, 1, train_seq, device, dtype)
     theirs_mem = peak_memory("transformers", memory_config, 1, train_seq, device, dtype)
     rows.append((f"training step extra peak memory, seq {train_seq}, ours | transformers",
                  f"{ours_mem / 2**30:.2f} | {theirs_mem / 2**30:.2f} GiB",
-                 f"{ours_mem / logits_bytes(train_seq):.2f}x | {theirs_mem / logits_bytes(train_seq):.2f}x one fp32 logits"))
+                 f"{ours_mem / logits_bytes(train_seq):.2f}x | "
+                 f"{theirs_mem / logits_bytes(train_seq):.2f}x one fp32 logits"))
 
     rows += activation_rows(smol, device, dtype, *((1, 256) if args.smoke else (2, 2048)))
 
@@ -429,7 +471,8 @@ def main():
     else:
         peak = max(peak, matmul_peak(device, dtype))
         print(f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({args.dtype}, 2048^3)\n")
-    rows = [(what, " | ".join(f"{x / peak:.1%}" for x in value) if isinstance(value, tuple) else value, ratio)
+    rows = [(what, " | ".join(f"{x / peak:.1%}" for x in value) if isinstance(value, tuple)
+             else value, ratio)
             for what, value, ratio in rows]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'value':>28}  ratio")

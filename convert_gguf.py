@@ -2,7 +2,8 @@
 A GGUF file (llama.cpp's format, in which local-LLM tools ship models) -> a Hugging Face folder
 that Transformer.from_pretrained and load_tokenizer read like any download.
 
-    python convert_gguf.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/SmolLM2-135M-Instruct
+    python convert_gguf.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --out checkpoints/SmolLM2-135M-Instruct
 
 The `gguf` package (llama.cpp's own reader, needed only here) parses the file and dequantizes
 every tensor to fp32. Tensor names are mapped onto Hugging Face's, the rows of Llama's q and k
@@ -48,11 +49,12 @@ BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
+GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
 # tokenizer.ggml.pre (llama.cpp's name for a pre-tokenizer) -> (HF pre_tokenizer steps, normalizer).
-BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+              "use_regex": True}
 BYTE_LEVEL_AFTER_SPLIT = {**BYTE_LEVEL, "use_regex": False}
 
 
@@ -62,7 +64,8 @@ def _split(pattern):
 
 PRE_TOKENIZERS = {
     "gpt-2": ([BYTE_LEVEL], None),
-    "smollm": ([{"type": "Digits", "individual_digits": True}, BYTE_LEVEL], None),  # SmolLM, StarCoder
+    # SmolLM, StarCoder
+    "smollm": ([{"type": "Digits", "individual_digits": True}, BYTE_LEVEL], None),
     "starcoder": ([{"type": "Digits", "individual_digits": True}, BYTE_LEVEL], None),
     "qwen2": ([_split(QWEN_PATTERN), BYTE_LEVEL_AFTER_SPLIT], {"type": "NFC"}),
     "llama-bpe": ([_split(LLAMA3_PATTERN), BYTE_LEVEL_AFTER_SPLIT], None),
@@ -97,8 +100,9 @@ def model_config(meta, arch, tensors, source) -> ModelConfig:
     def key(name, default=None):
         value = meta.get(f"{arch}.{name}", default)
         if value is None:
-            raise ValueError(f"{source}: metadata key {arch}.{name} is missing; the file is incomplete")
-        # Floats are stored as float32: the shortest decimal that rounds to it is what config.json held.
+            raise ValueError(f"{source}: metadata key {arch}.{name} is missing; "
+                             "the file is incomplete")
+        # Floats are stored as float32; config.json held the shortest decimal that rounds to it.
         return float(str(np.float32(value))) if isinstance(value, float) else value
     heads = key("attention.head_count")
     hidden = key("embedding_length")
@@ -114,7 +118,8 @@ def model_config(meta, arch, tensors, source) -> ModelConfig:
         max_position_embeddings=key("context_length"), rope_theta=key("rope.freq_base", 10000.0),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in shapes,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
 
 
 def unpermute_rope_rows(weight, n_heads):
@@ -127,7 +132,8 @@ def unpermute_rope_rows(weight, n_heads):
     Loading such weights without undoing that gives a model that runs, yet attends with
     scrambled positions: the classic trap of this conversion. Qwen's GGUFs are not permuted."""
     rows, d = weight.shape
-    # (heads, head_dim / 2, 2, d): rows of one head as interleaved pairs -> (heads, 2, head_dim / 2, d)
+    # (heads, head_dim / 2, 2, d): rows of one head as interleaved pairs
+    # -> (heads, 2, head_dim / 2, d)
     return weight.reshape(n_heads, rows // n_heads // 2, 2, d).transpose(1, 2).reshape(rows, d)
 
 
@@ -140,9 +146,11 @@ def llama3_rope_scaling(rope_factors, config, source):
                    original_max_position_embeddings=8192)
     base = rope_inverse_frequencies(config)
     scaled = rope_inverse_frequencies(replace(config, rope_scaling=scaling))
-    if not torch.allclose(base / scaled, torch.tensor(rope_factors, dtype=torch.float32), rtol=1e-4):
-        raise ValueError(f"{source}: rope_freqs.weight is not Llama 3's rope scaling with low/high frequency "
-                         "factors 1 and 4 and an original context of 8192; this RoPE scaling is not supported")
+    if not torch.allclose(base / scaled, torch.tensor(rope_factors, dtype=torch.float32),
+                          rtol=1e-4):
+        raise ValueError(f"{source}: rope_freqs.weight is not Llama 3's rope scaling with low/high "
+                         "frequency factors 1 and 4 and an original context of 8192; this RoPE "
+                         "scaling is not supported")
     return scaling
 
 
@@ -152,8 +160,9 @@ def dequantize(tensor, source):
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
-        raise ValueError(f"{source}: tensor {tensor.name} is quantized as {tensor.tensor_type.name}, which the "
-                         "gguf package cannot dequantize; convert a file with another quantization "
+        raise ValueError(f"{source}: tensor {tensor.name} is quantized as "
+                         f"{tensor.tensor_type.name}, which the gguf package cannot dequantize; "
+                         "convert a file with another quantization "
                          "(Q8_0, Q4_K_M, F16, ...)") from None
     return values.reshape(tuple(reversed(tensor.shape.tolist()))).astype(np.float32, copy=False)
 
@@ -172,20 +181,24 @@ def hf_tensors(reader, config, source) -> dict:
         elif prefix == "blk" and layer.isdigit() and suffix in BLOCK_NAMES:
             hf_name = f"model.layers.{layer}.{BLOCK_NAMES[suffix]}"
         else:
-            raise ValueError(f"{source}: tensor {name} has no counterpart in a {config.model_type} model")
+            raise ValueError(f"{source}: tensor {name} has no counterpart in a "
+                             f"{config.model_type} model")
         weight = torch.from_numpy(dequantize(tensor, source).copy())
         if config.model_type == "llama" and suffix in ("attn_q.weight", "attn_k.weight"):
-            n_heads = config.num_attention_heads if suffix == "attn_q.weight" else config.num_key_value_heads
+            n_heads = (config.num_attention_heads if suffix == "attn_q.weight"
+                       else config.num_key_value_heads)
             weight = unpermute_rope_rows(weight, n_heads)
         tensors[hf_name] = weight
     return tensors
 
 
 def tokenizer_files(meta, source) -> dict:
-    """tokenizer.json and tokenizer_config.json, as Hugging Face writes them, from tokenizer.ggml.*."""
+    """tokenizer.json and tokenizer_config.json, as Hugging Face writes them, from
+    tokenizer.ggml.*."""
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
     if kind != "gpt2":
-        raise ValueError(f"{source}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
+        raise ValueError(f"{source}: tokenizer.ggml.model is {kind!r}; "
+                         "only byte-level BPE ('gpt2') is supported")
     if pre not in PRE_TOKENIZERS:
         raise ValueError(f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
                          f"supported: {', '.join(PRE_TOKENIZERS)}")
@@ -197,18 +210,21 @@ def tokenizer_files(meta, source) -> dict:
     tokenizer_json = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": normalizer,
-        "pre_tokenizer": steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps},
-        "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                                            "use_regex": True},
-        # No unknown token: a byte that has no token of its own is skipped (SmolLM2 lacks 21 of them).
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+        "pre_tokenizer": (steps[0] if len(steps) == 1
+                          else {"type": "Sequence", "pretokenizers": steps}),
+        "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True,
+                                            "trim_offsets": True, "use_regex": True},
+        # No unknown token: a byte without a token of its own is skipped (SmolLM2 lacks 21 of them).
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False,
                   "vocab": {t: i for i, t in enumerate(tokens)},
                   "merges": [merge.split(" ") for merge in meta.get("tokenizer.ggml.merges", [])]},
     }
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
               "model_max_length": meta.get(f"{meta['general.architecture']}.context_length"),
-              "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}}
+              "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
+                                       for t in added}}
     for role in ("bos", "eos", "unknown", "padding"):
         id_ = meta.get(f"tokenizer.ggml.{role}_token_id")
         if id_ is not None:
@@ -240,8 +256,9 @@ def convert(gguf_path, out):
         if hf_name not in tensors:
             raise ValueError(f"{source}: no tensor for {hf_name}; the file is incomplete")
         if tensors[hf_name].shape != parameter.shape:
-            raise ValueError(f"{source}: {hf_name} has shape {tuple(tensors[hf_name].shape)}, but the metadata "
-                             f"describes {tuple(parameter.shape)}; the file is inconsistent")
+            raise ValueError(f"{source}: {hf_name} has shape {tuple(tensors[hf_name].shape)}, but "
+                             f"the metadata describes {tuple(parameter.shape)}; "
+                             "the file is inconsistent")
     model.load_state_dict({n: tensors[Transformer.hf_name(n)] for n, _ in model.named_parameters()},
                           strict=False, assign=True)
     if config.tie_word_embeddings:
@@ -252,11 +269,12 @@ def convert(gguf_path, out):
         model.save_pretrained(temporary)
         for name, content in files.items():
             (temporary / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-        generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
-                                        ("pad_token_id", meta.get("tokenizer.ggml.padding_token_id")))
-                      if v is not None}
+        generation = {k: v for k, v in (
+            ("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
+            ("pad_token_id", meta.get("tokenizer.ggml.padding_token_id"))) if v is not None}
         (temporary / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        Transformer.from_pretrained(temporary)  # every name and shape checked, as training will read them
+        # Every name and shape checked, as training will read them.
+        Transformer.from_pretrained(temporary)
         load_tokenizer(str(temporary))
         replace_durably(temporary, out)
     finally:
@@ -265,13 +283,15 @@ def convert(gguf_path, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", required=True, help="a .gguf file (llama, qwen2 or qwen3 architecture)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", required=True,
+                        help="a .gguf file (llama, qwen2 or qwen3 architecture)")
     parser.add_argument("--out", required=True, help="the Hugging Face folder to create")
     args = parser.parse_args(argv)
     config = convert(args.gguf, args.out)
-    print(f"wrote {args.out}: {config.model_type}, {config.num_hidden_layers} layers, d {config.hidden_size}, "
-          f"vocab {config.vocab_size}")
+    print(f"wrote {args.out}: {config.model_type}, {config.num_hidden_layers} layers, "
+          f"d {config.hidden_size}, vocab {config.vocab_size}")
 
 
 if __name__ == "__main__":

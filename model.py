@@ -38,6 +38,8 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 @dataclass
 class ModelConfig:
     model_type: str = "qwen3"           # "qwen3", "qwen2" (Qwen2 and Qwen2.5) or "llama" (Llama 3.x)
+    attention_bias: bool | None = None  # biases on the q, k and v projections (Qwen2); None: the family's
+    qk_norm: bool | None = None         # RMSNorm over head_dim on each query and key head (Qwen3); likewise
     vocab_size: int = 151936            # rows of the embedding matrix (may exceed the tokenizer's ids)
     hidden_size: int = 1024             # d, the width of the residual stream
     intermediate_size: int = 3072       # inner width of the SwiGLU MLP
@@ -54,15 +56,33 @@ class ModelConfig:
     eos_token_id: int | list | None = None  # likewise
     dropout: float = 0.0                # hidden dropout on attention weights and both residual branches
 
+    # The attention of each family. model_type decides both flags when reading a config.json: it
+    # has no qk_norm key, and its attention_bias is not ours (HF's Qwen3 and Llama would bias o_proj
+    # too, so it must be false there; Qwen2 has q/k/v biases whatever it says).
+    ATTENTION_BY_FAMILY = {"qwen3": dict(attention_bias=False, qk_norm=True),
+                           "qwen2": dict(attention_bias=True, qk_norm=False),
+                           "llama": dict(attention_bias=False, qk_norm=False)}
 
-_QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
-              max_position_embeddings=40960, num_key_value_heads=8)
-_QWEN25 = dict(model_type="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6, num_key_value_heads=2)
-_LLAMA3 = dict(model_type="llama", vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
-               max_position_embeddings=131072, num_key_value_heads=8, head_dim=128)
+    def __post_init__(self):
+        # A flag left out takes its family's value, so a config written with model_type alone
+        # (a preset's scratch_model, a test's) builds the family's attention; an unknown
+        # model_type, refused on loading and saving, gets neither.
+        family = self.ATTENTION_BY_FAMILY.get(self.model_type, dict(attention_bias=False, qk_norm=False))
+        for flag, value in family.items():
+            if getattr(self, flag) is None:
+                setattr(self, flag, value)
+
+
+_QWEN3 = dict(model_type="qwen3", attention_bias=False, qk_norm=True, vocab_size=151936, head_dim=128,
+              rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960, num_key_value_heads=8)
+_QWEN25 = dict(model_type="qwen2", attention_bias=True, qk_norm=False, vocab_size=151936, rope_theta=1e6,
+               rms_norm_eps=1e-6, num_key_value_heads=2)
+_LLAMA3 = dict(model_type="llama", attention_bias=False, qk_norm=False, vocab_size=128256,
+               rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072, num_key_value_heads=8,
+               head_dim=128)
 _LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-_SMOLLM2 = dict(model_type="llama", vocab_size=49152, rope_theta=1e5, rms_norm_eps=1e-5, max_position_embeddings=8192,
-                num_key_value_heads=3, head_dim=64)
+_SMOLLM2 = dict(model_type="llama", attention_bias=False, qk_norm=False, vocab_size=49152, rope_theta=1e5,
+                rms_norm_eps=1e-5, max_position_embeddings=8192, num_key_value_heads=3, head_dim=64)
 
 # The released shapes, for benchmarks and for checking a config.json by eye.
 MODEL_SIZES = {name: ModelConfig(**{**family, **extra}, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
@@ -104,8 +124,10 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
         raise ValueError(f"{source}: rope type {rope_type!r} is not supported (expected 'default' or 'llama3')")
     if rope_type == "llama3" and any(k not in scaling for k in LLAMA3_ROPE_KEYS):
         raise ValueError(f"{source}: llama3 rope scaling needs the keys {LLAMA3_ROPE_KEYS}")
-    known = {f.name for f in fields(ModelConfig)} - {"rope_theta", "rope_scaling", "dropout"}
-    config = ModelConfig(**{k: hf[k] for k in known if k in hf and hf[k] is not None})
+    known = {f.name for f in fields(ModelConfig)} - {"rope_theta", "rope_scaling", "dropout",
+                                                     "attention_bias", "qk_norm"}
+    config = ModelConfig(**{k: hf[k] for k in known if k in hf and hf[k] is not None},
+                         **ModelConfig.ATTENTION_BY_FAMILY[model_type])
     config.rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
     config.rope_scaling = {k: scaling[k] for k in LLAMA3_ROPE_KEYS} if rope_type == "llama3" else None
     config.num_key_value_heads = hf.get("num_key_value_heads") or config.num_attention_heads
@@ -173,12 +195,11 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        qkv_bias = config.model_type == "qwen2"
-        self.q_proj = nn.Linear(d, self.n_head * hd, bias=qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv_head * hd, bias=qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv_head * hd, bias=qkv_bias)
+        self.q_proj = nn.Linear(d, self.n_head * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_head * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_head * hd, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = config.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # one weight shared by all heads
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
@@ -533,12 +554,17 @@ class Transformer(nn.Module):
 
     def hf_config(self):
         c = self.config
-        hf = {k: v for k, v in asdict(c).items() if k not in ("dropout", "rope_scaling")}
+        flags = dict(attention_bias=c.attention_bias, qk_norm=c.qk_norm)
+        if flags != ModelConfig.ATTENTION_BY_FAMILY[c.model_type]:
+            raise ValueError(f"a {c.model_type} config.json cannot express {flags}; HF would build "
+                             f"{ModelConfig.ATTENTION_BY_FAMILY[c.model_type]}")
+        hf = {k: v for k, v in asdict(c).items()
+              if k not in ("dropout", "rope_scaling", "attention_bias", "qk_norm")}
         architecture = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
         hf.update(architectures=[architecture[c.model_type]], hidden_act="silu",
                   rope_scaling=dict(rope_type="llama3", **c.rope_scaling) if c.rope_scaling else None,
                   torch_dtype=str(self.embed_tokens.weight.dtype).removeprefix("torch."), use_cache=True)
-        if c.model_type != "qwen2":  # Qwen2 always has q/k/v biases and no such key
+        if not c.attention_bias:  # Qwen2 always has q/k/v biases and no such key
             hf["attention_bias"] = False
         return hf
 

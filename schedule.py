@@ -7,7 +7,8 @@ import math
 
 
 def gamma_max_at(step, gamma_max, sharpness, midpoint, curriculum="sigmoid"):
-    """Eq. (4): gamma_max(j) = gamma_max / (1 + exp(-k (j - j0))), with k = sharpness, j0 = midpoint.
+    """Eq. (4): gamma_max(j) = gamma_max / (1 + exp(-k (j - j0))), with k = sharpness,
+    j0 = midpoint.
 
     `step` (j) is in the unit of `midpoint` and `1 / sharpness`: optimizer steps, or target epochs.
     The ceiling is near 0 early, so training starts as fast as the baseline, reaches
@@ -26,10 +27,11 @@ def turning_epoch(epochs, losses, window=3):
     """Sec. 3.3's j0, read off a baseline run: the epoch at which its target validation loss,
     averaged over a centred window of `window` evaluations, is lowest. Evaluations scatter by
     about 0.01 nats from one to the next, so a single lucky one must not decide; a centred window
-    leaves the minimum of a symmetric dip where it is. A curve that never turns gives its last epoch."""
+    leaves the minimum of a symmetric dip where it is. A curve that never turns gives its last
+    epoch."""
     half = window // 2
-    smoothed = [sum(losses[max(0, i - half):i + half + 1]) / len(losses[max(0, i - half):i + half + 1])
-                for i in range(len(losses))]
+    smoothed = [sum(losses[max(0, i - half):i + half + 1])
+                / len(losses[max(0, i - half):i + half + 1]) for i in range(len(losses))]
     return float(epochs[min(range(len(smoothed)), key=smoothed.__getitem__)])
 
 

@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizers for Qwen2 / Qwen2.5 / Qwen3, Llama 3 and SmolLM2 checkpoints, run by tiktoken.
+"""Byte-level BPE tokenizers for Qwen2 / Qwen2.5 / Qwen3, Llama 3 and SmolLM2 checkpoints, run by
+tiktoken.
 
 load_tokenizer(path) reads, from a checkpoint folder or the file itself:
   - tokenizer.json (Hugging Face byte-level BPE: Qwen2/2.5/3, Llama 3, SmolLM2 and others with
@@ -35,12 +36,14 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # That is not GPT-2's regex with single digits: the Digits step ends a piece before every digit, so
 # a space never joins a digit (" 5" is " ", "5") and a run of spaces before a digit stays whole
 # ("  5" is "  ", "5"; GPT-2 alone gives " ", " 5"). Hence the last lookahead: a digit ends a piece.
-GPT2_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+GPT2_DIGITS_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+)
 
 END_OF_TEXT_NAMES = ("<|endoftext|>", "<|end_of_text|>")  # Qwen, Llama 3
 
-# tokenizer.model holds only the ranks; Llama 3.1 appends 256 special tokens after them, in this order,
-# the rest being <|reserved_special_token_3|> onwards.
+# tokenizer.model holds only the ranks; Llama 3.1 appends 256 special tokens after them, in this
+# order, the rest being <|reserved_special_token_3|> onwards.
 LLAMA3_NAMED_SPECIALS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
     "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
@@ -98,7 +101,8 @@ def _config_added_tokens(folder: str) -> tuple[dict[int, str], dict[str, bytes]]
         return {}, {}
     raw = Path(file).read_bytes()
     decoder = _parse_json(raw, file).get("added_tokens_decoder", {})
-    return {int(id_): entry["content"] for id_, entry in decoder.items()}, {"tokenizer_config.json": raw}
+    return ({int(id_): entry["content"] for id_, entry in decoder.items()},
+            {"tokenizer_config.json": raw})
 
 
 def _pre_split_pattern(pre_tokenizer: dict | None, file: str) -> str:
@@ -120,12 +124,13 @@ def _pre_split_pattern(pre_tokenizer: dict | None, file: str) -> str:
             if step.get("use_regex", True):
                 patterns.append(GPT2_DIGITS_PATTERN if digits else GPT2_PATTERN)
         else:
-            raise ValueError(f"{file}: pre-tokenizer {step!r} is not supported; expected an isolated "
-                             "Split on a Regex and/or ByteLevel without add_prefix_space, or "
-                             "Digits(individual_digits) before ByteLevel")
+            raise ValueError(f"{file}: pre-tokenizer {step!r} is not supported; expected an "
+                             "isolated Split on a Regex and/or ByteLevel without add_prefix_space, "
+                             "or Digits(individual_digits) before ByteLevel")
     if not byte_level or len(patterns) != 1 or (digits and patterns != [GPT2_DIGITS_PATTERN]):
-        raise ValueError(f"{file}: pre-tokenizer {pre_tokenizer!r} is not supported; expected exactly "
-                         "one split pattern and a ByteLevel step (a byte-level BPE tokenizer)")
+        raise ValueError(f"{file}: pre-tokenizer {pre_tokenizer!r} is not supported; expected "
+                         "exactly one split pattern and a ByteLevel step (a byte-level BPE "
+                         "tokenizer)")
     return patterns[0]
 
 
@@ -134,25 +139,27 @@ class Tokenizer:
     a fingerprint of the mapping, and the files that recreate it.
 
     A vocabulary may lack some single bytes (SmolLM2 has no token for 21 of them, among them the
-    control characters \\x04 and \\x1d). Hugging Face's BPE, with no unknown token, then skips such a
-    byte after pre-tokenization, so the bytes around it can merge ("!\\x04!" is "!!"). tiktoken
-    cannot encode such a byte at all, so text that holds one takes a slower path that does the
-    same as Hugging Face."""
+    control characters \\x04 and \\x1d). Hugging Face's BPE, with no unknown token, then skips
+    such a byte after pre-tokenization, so the bytes around it can merge ("!\\x04!" is "!!").
+    tiktoken cannot encode such a byte at all, so text that holds one takes a slower path that
+    does the same as Hugging Face."""
 
-    def __init__(self, name: str, pattern: str, ranks: dict[bytes, int], specials_by_id: dict[int, str],
-                 nfc: bool, files: dict[str, bytes]):
+    def __init__(self, name: str, pattern: str, ranks: dict[bytes, int],
+                 specials_by_id: dict[int, str], nfc: bool, files: dict[str, bytes]):
         self._missing_bytes = bytes(byte for byte in range(256) if bytes([byte]) not in ranks)
         if len(self._missing_bytes) > 64:
-            raise ValueError(f"{name}: the vocabulary lacks {len(self._missing_bytes)} of the 256 single-byte "
-                             "tokens; expected a byte-level BPE vocabulary")
+            raise ValueError(f"{name}: the vocabulary lacks {len(self._missing_bytes)} of the 256 "
+                             "single-byte tokens; expected a byte-level BPE vocabulary")
         if len(set(ranks.values())) != len(ranks):
-            raise ValueError(f"{name}: several vocabulary tokens share an id; each id must name one token")
+            raise ValueError(f"{name}: several vocabulary tokens share an id; "
+                             "each id must name one token")
         special_tokens = {token: id_ for id_, token in specials_by_id.items()}
         eos_name = next((token for token in END_OF_TEXT_NAMES if token in special_tokens), None)
         if eos_name is None:
             raise ValueError(f"{name}: no end-of-text token among the special tokens "
-                             f"{sorted(special_tokens)}; expected one of {list(END_OF_TEXT_NAMES)}, "
-                             "which tokenizer_config.json's added_tokens_decoder can declare")
+                             f"{sorted(special_tokens)}; expected one of "
+                             f"{list(END_OF_TEXT_NAMES)}, which tokenizer_config.json's "
+                             "added_tokens_decoder can declare")
         self.name = name
         self.eos_id = special_tokens[eos_name]
         self._nfc = nfc
@@ -166,7 +173,8 @@ class Tokenizer:
         definition = {
             "pattern": pattern,
             "normalization": "NFC" if nfc else None,
-            "ranks": [[rank, token.hex()] for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])],
+            "ranks": [[rank, token.hex()]
+                      for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])],
             "special_tokens": sorted(specials_by_id.items()),
         }
         self.fingerprint = hashlib.sha256(json.dumps(definition).encode()).hexdigest()
@@ -208,23 +216,26 @@ class Tokenizer:
 def _byte_tokenizer() -> Tokenizer:
     """The CPU demo's tokenizer: ids 0..255 are the bytes themselves and 256 is <|endoftext|>.
     It needs no training step and covers any text; its tiny vocabulary keeps a tiny model's
-    parameters in its layers rather than its embedding; and digit-by-digit tokens suit arithmetic."""
+    parameters in its layers rather than its embedding; and digit-by-digit tokens suit
+    arithmetic."""
     eos = "<|endoftext|>"
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                  "use_regex": False}
     tokenizer_json = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": 256, "content": eos, "single_word": False, "lstrip": False,
                           "rstrip": False, "normalized": False, "special": True}],
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated",
+             "invert": False},
             byte_level]},
         "post_processor": None,
         "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False, "vocab": {BYTE_TO_CHAR[byte]: byte for byte in range(256)},
-                  "merges": []},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {BYTE_TO_CHAR[byte]: byte for byte in range(256)}, "merges": []},
     }
     files = {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False, indent=2).encode()}
     ranks = {bytes([byte]): byte for byte in range(256)}
@@ -251,9 +262,11 @@ def _from_tokenizer_json(file: str) -> Tokenizer:
     # A trained vocabulary may list its special tokens in model.vocab too; they stay specials only.
     ranks = {_token_bytes(token, file): id_ for token, id_ in model.get("vocab", {}).items()
              if id_ not in specials_by_id}
-    if model.get("unk_token") is not None and any(bytes([byte]) not in ranks for byte in range(256)):
-        raise ValueError(f"{file}: the vocabulary lacks some single bytes and names an unknown token "
-                         f"({model['unk_token']!r}) for them; only vocabularies that skip such bytes are supported")
+    if model.get("unk_token") is not None and any(bytes([byte]) not in ranks
+                                                  for byte in range(256)):
+        raise ValueError(f"{file}: the vocabulary lacks some single bytes and names an unknown "
+                         f"token ({model['unk_token']!r}) for them; only vocabularies that skip "
+                         "such bytes are supported")
     return Tokenizer(file, pattern, ranks, specials_by_id, nfc=normalizer is not None,
                      files={"tokenizer.json": raw, **config_files})
 
@@ -266,7 +279,8 @@ def _from_vocab_and_merges(folder: str) -> Tokenizer:
     specials_by_id, config_files = _config_added_tokens(folder)
     if not specials_by_id:
         specials_by_id = {len(vocab): "<|endoftext|>"}  # Qwen2's 151643 after its 151,643 tokens
-    ranks = {_token_bytes(token, vocab_file): id_ for token, id_ in vocab.items() if id_ not in specials_by_id}
+    ranks = {_token_bytes(token, vocab_file): id_ for token, id_ in vocab.items()
+             if id_ not in specials_by_id}
     files = {"vocab.json": vocab_raw, "merges.txt": merges_raw, **config_files}
     return Tokenizer(folder, QWEN_PATTERN, ranks, specials_by_id, nfc=True, files=files)
 
@@ -284,7 +298,8 @@ def _from_tiktoken_model(file: str) -> Tokenizer:
             raise ValueError(f"{file}, line {line_number}: expected 'base64-token rank', "
                              f"got {line[:80]!r}; is this a Llama 3 tokenizer.model?") from None
     reserved_count = LLAMA3_SPECIAL_COUNT - len(LLAMA3_NAMED_SPECIALS)
-    names = LLAMA3_NAMED_SPECIALS + [f"<|reserved_special_token_{n}|>" for n in range(3, 3 + reserved_count)]
+    names = LLAMA3_NAMED_SPECIALS + [f"<|reserved_special_token_{n}|>"
+                                     for n in range(3, 3 + reserved_count)]
     specials_by_id = {len(ranks) + offset: name for offset, name in enumerate(names)}
     config_ids, config_files = _config_added_tokens(os.path.dirname(file))
     specials_by_id.update(config_ids)
@@ -293,7 +308,8 @@ def _from_tiktoken_model(file: str) -> Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer at path: "byte", a checkpoint folder, or a tokenizer.json / tokenizer.model file."""
+    """The tokenizer at path: "byte", a checkpoint folder, or a tokenizer.json / tokenizer.model
+    file."""
     if path == "byte":
         return _byte_tokenizer()
     if not os.path.exists(path):

@@ -41,10 +41,12 @@ class DatasetWriter:
         with DatasetWriter(folder, tokenizer, source={...}) as writer:
             writer.add("train", tokenizer.encode(text))
 
-    Nothing is renamed into place unless every document was written; a failed write changes nothing."""
+    Nothing is renamed into place unless every document was written; a failed write changes
+    nothing."""
 
     def __init__(self, folder, tokenizer, source: dict, splits=("train", "val")):
-        self.folder, self.tokenizer, self.source, self.splits = Path(folder), tokenizer, source, splits
+        self.folder, self.tokenizer, self.source, self.splits = \
+            Path(folder), tokenizer, source, splits
         self.files, self.counts = {}, {}
 
     def _temporary(self, name):
@@ -54,11 +56,13 @@ class DatasetWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         for split in self.splits:
             self.files[split] = open(self._temporary(f"{split}.bin"), "wb")
-            self.counts[split] = {"tokens": 0, "documents": 0, "max_token_id": -1, "digest": hashlib.sha256()}
+            self.counts[split] = {"tokens": 0, "documents": 0, "max_token_id": -1,
+                                  "digest": hashlib.sha256()}
         return self
 
     def add(self, split, ids):
-        tokens = np.array([*ids, self.tokenizer.eos_id], dtype=np.uint32)  # the document, then end-of-text
+        # The document, then end-of-text.
+        tokens = np.array([*ids, self.tokenizer.eos_id], dtype=np.uint32)
         data = tokens.tobytes()
         self.files[split].write(data)
         c = self.counts[split]
@@ -71,7 +75,7 @@ class DatasetWriter:
         for f in self.files.values():
             f.close()
         if error_type is not None:
-            # A failed write leaves the folder as it was, so an earlier complete dataset stays usable.
+            # A failed write leaves the folder as it was: an earlier complete dataset stays usable.
             for split in self.files:
                 self._temporary(f"{split}.bin").unlink()
             return
@@ -80,7 +84,8 @@ class DatasetWriter:
         for split in self.files:
             replace_durably(self._temporary(f"{split}.bin"), self.folder / f"{split}.bin")
         t = self.tokenizer
-        splits = {split: {**{k: v for k, v in c.items() if k != "digest"}, "sha256": c["digest"].hexdigest()}
+        splits = {split: {**{k: v for k, v in c.items() if k != "digest"},
+                          "sha256": c["digest"].hexdigest()}
                   for split, c in self.counts.items()}
         meta = {"format": FORMAT, "source": self.source, "splits": splits,
                 "tokenizer": {"name": t.name, "fingerprint": t.fingerprint, "eos_id": t.eos_id,
@@ -101,30 +106,35 @@ def load_meta(folder, tokenizer=None, vocab_size=None) -> dict:
         splits = meta["splits"]
         sizes = {split: 4 * splits[split]["tokens"] for split in ("train", "val")}
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is not a valid meta.json ({type(e).__name__}: {e}); prepare the data again") from None
+        raise ValueError(f"{path} is not a valid meta.json ({type(e).__name__}: {e}); "
+                         "prepare the data again") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; prepare the data again")
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; "
+                         "prepare the data again")
     for split, size in sizes.items():
         file = Path(folder) / f"{split}.bin"
         if not file.is_file() or file.stat().st_size != size:
             found = f"{file.stat().st_size:,} bytes" if file.is_file() else "no file"
-            raise ValueError(f"{file}: meta.json records {size // 4:,} tokens ({size:,} bytes), found {found}; the "
-                             "file was truncated or replaced: prepare the data again")
+            raise ValueError(f"{file}: meta.json records {size // 4:,} tokens ({size:,} bytes), "
+                             f"found {found}; the file was truncated or replaced: "
+                             "prepare the data again")
     if tokenizer is not None and meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
-        raise ValueError(f"{folder} was tokenized with {meta['tokenizer']['name']!r}, whose vocabulary differs "
-                         f"from the model's tokenizer ({tokenizer.name!r}); prepare it again with --tokenizer "
-                         "pointing at the model's checkpoint folder")
+        raise ValueError(f"{folder} was tokenized with {meta['tokenizer']['name']!r}, whose "
+                         f"vocabulary differs from the model's tokenizer ({tokenizer.name!r}); "
+                         "prepare it again with --tokenizer pointing at the model's checkpoint "
+                         "folder")
     if vocab_size is not None:
         for split, counts in meta["splits"].items():
             if counts["max_token_id"] >= vocab_size:
-                raise ValueError(f"{folder}/{split}.bin holds token id {counts['max_token_id']}, but the model's "
-                                 f"vocabulary has {vocab_size} rows; prepare the data with the model's tokenizer")
+                raise ValueError(f"{folder}/{split}.bin holds token id {counts['max_token_id']}, "
+                                 f"but the model's vocabulary has {vocab_size} rows; prepare the "
+                                 "data with the model's tokenizer")
     return meta
 
 
 def verify_checksums(folder):
-    """Hash train.bin and val.bin against the sha256 in meta.json: same-sized files with other tokens
-    pass every other check. Reads every byte once (a few hundred MB/s on a CPU core)."""
+    """Hash train.bin and val.bin against the sha256 in meta.json: same-sized files with other
+    tokens pass every other check. Reads every byte once (a few hundred MB/s on a CPU core)."""
     meta = load_meta(folder)
     for split in ("train", "val"):
         file = Path(folder) / f"{split}.bin"
@@ -133,8 +143,8 @@ def verify_checksums(folder):
             while block := f.read(1 << 24):
                 digest.update(block)
         if digest.hexdigest() != meta["splits"][split]["sha256"]:
-            raise ValueError(f"{file} does not match the sha256 in its meta.json: the file changed after it was "
-                             "prepared; prepare the data again")
+            raise ValueError(f"{file} does not match the sha256 in its meta.json: the file changed "
+                             "after it was prepared; prepare the data again")
 
 
 def read_windows(folder, split, seq_len, indices=None, vocab_size=None) -> np.ndarray:
@@ -144,16 +154,19 @@ def read_windows(folder, split, seq_len, indices=None, vocab_size=None) -> np.nd
     # A fresh memmap per call: holding one open across a long run leaks memory (as nanoGPT notes).
     path = Path(folder) / f"{split}.bin"
     # numpy cannot map an empty file, and an empty split (val_share 0) simply has no windows.
-    tokens = np.memmap(path, dtype=np.uint32, mode="r") if path.stat().st_size else np.zeros(0, np.uint32)
+    tokens = (np.memmap(path, dtype=np.uint32, mode="r") if path.stat().st_size
+              else np.zeros(0, np.uint32))
     if indices is None:
         indices = range(count_windows(len(tokens), seq_len))
     rows = [tokens[i * seq_len:(i + 1) * seq_len + 1] for i in indices]
-    # A split shorter than one window gives (0, seq_len + 1), for the caller to check, not a numpy error.
+    # A split shorter than one window gives (0, seq_len + 1), for the caller to check, rather
+    # than a numpy error.
     windows = np.stack(rows).astype(np.int64) if rows else np.zeros((0, seq_len + 1), np.int64)
     if vocab_size is not None and windows.size and windows.max() >= vocab_size:
         row = int(np.argmax(windows.max(axis=1) >= vocab_size))
-        raise ValueError(f"{path} holds token id {int(windows[row].max())} in window {list(indices)[row]}, but the "
-                         f"model's vocabulary has {vocab_size} rows; prepare the data again with the model's tokenizer")
+        raise ValueError(f"{path} holds token id {int(windows[row].max())} in window "
+                         f"{list(indices)[row]}, but the model's vocabulary has {vocab_size} rows; "
+                         "prepare the data again with the model's tokenizer")
     return windows
 
 
@@ -172,13 +185,15 @@ class Batch:
 class MixtureLoader:
     def __init__(self, target_dir, general_dir, seq_len, global_batch_size, micro_batch_size,
                  target_ratio, seed, rank=0, world_size=1, vocab_size=None):
-        self.target_dir, self.general_dir, self.seq_len, self.seed = target_dir, general_dir, seq_len, seed
+        self.target_dir, self.general_dir, self.seq_len, self.seed = \
+            target_dir, general_dir, seq_len, seed
         self.vocab_size = vocab_size  # each window read is checked against it
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
         if global_batch_size % (micro_batch_size * world_size):
-            raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size="
-                             f"{micro_batch_size} x {world_size} ranks; change one of them")
+            raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of "
+                             f"micro_batch_size={micro_batch_size} x {world_size} ranks; "
+                             "change one of them")
         if not 0.0 < target_ratio <= 1.0:
             raise ValueError(f"target_ratio={target_ratio} must be in (0, 1]")
         # Exact arithmetic: with 0.6 * 512 = 307.2 target rows per step, the rows are handed out so
@@ -186,12 +201,13 @@ class MixtureLoader:
         self.target_per_step = Fraction(str(target_ratio)) * global_batch_size
         self.n_target = count_windows(load_meta(target_dir)["splits"]["train"]["tokens"], seq_len)
         if self.n_target == 0:
-            raise ValueError(f"{target_dir}/train.bin is shorter than one window of seq_len + 1 = {seq_len + 1} "
-                             "tokens; use a smaller seq_len or more target data")
-        self.n_general = count_windows(load_meta(general_dir)["splits"]["train"]["tokens"], seq_len) \
-            if target_ratio < 1.0 else 0
+            raise ValueError(f"{target_dir}/train.bin is shorter than one window of seq_len + 1 = "
+                             f"{seq_len + 1} tokens; use a smaller seq_len or more target data")
+        self.n_general = count_windows(load_meta(general_dir)["splits"]["train"]["tokens"],
+                                       seq_len) if target_ratio < 1.0 else 0
         if target_ratio < 1.0 and self.n_general == 0:
-            raise ValueError(f"{general_dir}/train.bin is shorter than one window of {seq_len + 1} tokens")
+            raise ValueError(f"{general_dir}/train.bin is shorter than one window of "
+                             f"{seq_len + 1} tokens")
         self.step, self.target_seen, self.general_seen = 0, 0, 0
         self._orders = {}
 
@@ -208,7 +224,8 @@ class MixtureLoader:
 
     def _order(self, source, n, n_pass):
         """Window order of one pass over a source: a permutation drawn from (seed, source, pass)."""
-        if self._orders.get(source, (None,))[0] != n_pass:  # keep only the current pass of each source
+        # Keep only the current pass of each source.
+        if self._orders.get(source, (None,))[0] != n_pass:
             permutation = lambda p: np.random.default_rng([self.seed, source, p]).permutation(n)
             order = permutation(n_pass)
             # A step that straddles two passes must not take a window twice: windows among the
@@ -216,7 +233,8 @@ class MixtureLoader:
             # within the first 2k of this one. Only the first 2k positions change, so with n >= 3k
             # every pass still ends with its own permutation's tail, and no pass depends on more
             # than the one before it.
-            k = math.ceil(self.target_per_step) if source == 0 else self.global_batch_size - math.floor(self.target_per_step)
+            k = (math.ceil(self.target_per_step) if source == 0
+                 else self.global_batch_size - math.floor(self.target_per_step))
             if n_pass > 0 and n >= 3 * k:
                 front = order[:2 * k]
                 clash = np.isin(front, permutation(n_pass - 1)[-k:])
@@ -231,15 +249,17 @@ class MixtureLoader:
             n_pass, offset = divmod(position, n)
             if source == 1 and offset == 0 and n_pass > 0 and self.rank == 0:
                 print(f"note: general data {self.general_dir} exhausted after {n_pass} pass(es); "
-                      "reading it again in a new order (more general data avoids repetition)", file=sys.stderr)
+                      "reading it again in a new order (more general data avoids repetition)",
+                      file=sys.stderr)
             out.append(self._order(source, n, n_pass)[offset])
         return out
 
     def next_batch(self) -> list[Batch]:
         """This rank's share of the next global batch, as a list of micro-batches."""
         G = self.global_batch_size
-        n_target_rows = math.floor((self.step + 1) * self.target_per_step) - math.floor(self.step * self.target_per_step)
-        # Spread the target rows evenly through the batch, so every rank and micro-batch gets its share.
+        n_target_rows = (math.floor((self.step + 1) * self.target_per_step)
+                         - math.floor(self.step * self.target_per_step))
+        # Spread the target rows evenly through the batch: each rank and micro-batch gets its share.
         is_target = [(i + 1) * n_target_rows // G > i * n_target_rows // G for i in range(G)]
         target_ids = iter(self._take(0, self.n_target, self.target_seen, n_target_rows))
         general_ids = iter(self._take(1, self.n_general, self.general_seen, G - n_target_rows))
@@ -257,15 +277,18 @@ class MixtureLoader:
             for flag, folder in ((True, self.target_dir), (False, self.general_dir)):
                 where = np.flatnonzero(target_mask == flag)
                 if len(where):
-                    windows[where] = read_windows(folder, "train", self.seq_len, [chunk[j][1] for j in where],
-                                                  self.vocab_size)
+                    windows[where] = read_windows(folder, "train", self.seq_len,
+                                                  [chunk[j][1] for j in where], self.vocab_size)
             windows = torch.from_numpy(windows)
             sample_index = torch.tensor([i if t else -1 for t, i in chunk])
-            batches.append(Batch(windows[:, :-1], windows[:, 1:], sample_index, torch.from_numpy(target_mask)))
+            batches.append(Batch(windows[:, :-1], windows[:, 1:], sample_index,
+                                 torch.from_numpy(target_mask)))
         return batches
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "target_seen": self.target_seen, "general_seen": self.general_seen}
+        return {"step": self.step, "target_seen": self.target_seen,
+                "general_seen": self.general_seen}
 
     def load_state_dict(self, state):
-        self.step, self.target_seen, self.general_seen = state["step"], state["target_seen"], state["general_seen"]
+        self.step, self.target_seen, self.general_seen = \
+            state["step"], state["target_seen"], state["general_seen"]

@@ -8,5 +8,6 @@ from evaluate import extract_answer  # noqa: E402
 
 
 def extract_embedded(responses, docs):
-    """responses: per document, its generations -> per document, the extracted answers ("" for none)."""
+    """responses: per document, its generations -> per document, the extracted answers
+    ("" for none)."""
     return [[extract_answer(text, "embedded") or "" for text in texts] for texts in responses]

@@ -1,4 +1,5 @@
-"""convert_gguf.py against transformers' own GGUF loader, and against the models a GGUF was made from.
+"""convert_gguf.py against transformers' own GGUF loader, and against the models a GGUF was made
+from.
 
 Tiny GGUF files are written here the way llama.cpp's converter writes them (its tensor names,
 metadata keys and its reordering of Llama's q/k rows), from tiny random transformers models."""
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from convert_gguf import convert, unpermute_rope_rows
 from model import MODEL_SIZES, Transformer
@@ -40,15 +41,23 @@ def llama_cpp_permute(weight, n_heads):
 
 # ---- a tiny GGUF, written as llama.cpp writes one ----------------------------------------------
 
-TINY = dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
-HF_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-              "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
-              "self_attn.k_norm.weight": "attn_k_norm.weight", "self_attn.o_proj.weight": "attn_output.weight",
-              "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+TINY = dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5, tie_word_embeddings=False)
+HF_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight",
+              "self_attn.q_proj.weight": "attn_q.weight",
+              "self_attn.k_proj.weight": "attn_k.weight",
+              "self_attn.v_proj.weight": "attn_v.weight",
+              "self_attn.q_proj.bias": "attn_q.bias",
+              "self_attn.k_proj.bias": "attn_k.bias",
+              "self_attn.v_proj.bias": "attn_v.bias",
+              "self_attn.q_norm.weight": "attn_q_norm.weight",
+              "self_attn.k_norm.weight": "attn_k_norm.weight",
+              "self_attn.o_proj.weight": "attn_output.weight",
+              "post_attention_layernorm.weight": "ffn_norm.weight",
+              "mlp.gate_proj.weight": "ffn_gate.weight",
+              "mlp.up_proj.weight": "ffn_up.weight",
+              "mlp.down_proj.weight": "ffn_down.weight"}
 
 
 def tiny_hf_model(arch, **overrides):
@@ -59,7 +68,8 @@ def tiny_hf_model(arch, **overrides):
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**settings, rope_theta=1e6))
     else:
-        # head_dim 128 as in every Qwen3: transformers' GGUF reader assumes it (ours reads key_length)
+        # head_dim 128 as in every Qwen3: transformers' GGUF reader assumes it (ours reads
+        # key_length)
         model = Qwen3ForCausalLM(Qwen3Config(**settings, head_dim=128, rope_theta=1e6))
     with torch.no_grad():  # random norms and biases, so that a swapped or missing one shows
         for name, p in model.named_parameters():
@@ -70,7 +80,8 @@ def tiny_hf_model(arch, **overrides):
 
 def gpt2_vocabulary():
     """256 byte tokens (GPT-2's characters, ids in byte order), two merges, and <|endoftext|>."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     chars, shifted = {}, 0
     for byte in range(256):
         chars[byte] = chr(byte) if byte in printable else chr(256 + shifted)
@@ -79,7 +90,8 @@ def gpt2_vocabulary():
     return tokens, [1] * 258 + [3], ["Ġ t", "h e"]
 
 
-def write_gguf(path, model, arch, quantization=gguf.GGMLQuantizationType.F32, edit_tensors=None, rope_freqs=None):
+def write_gguf(path, model, arch, quantization=gguf.GGMLQuantizationType.F32, edit_tensors=None,
+               rope_freqs=None):
     """model (transformers) -> a GGUF file at path, with llama.cpp's names, keys and q/k order."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -123,10 +135,12 @@ def write_gguf(path, model, arch, quantization=gguf.GGMLQuantizationType.F32, ed
     if rope_freqs is not None:
         tensors["rope_freqs.weight"] = rope_freqs
     for gguf_name, weight in (edit_tensors or (lambda t: t))(tensors).items():
-        if isinstance(weight, tuple):  # (quantized blocks as bytes, their type), written as they are
+        # (quantized blocks as bytes, their type), written as they are
+        if isinstance(weight, tuple):
             writer.add_tensor(gguf_name, weight[0], raw_dtype=weight[1])
         elif weight.ndim == 2 and quantization != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(weight, quantization), raw_dtype=quantization)
+            writer.add_tensor(gguf_name, gguf.quants.quantize(weight, quantization),
+                              raw_dtype=quantization)
         else:
             writer.add_tensor(gguf_name, weight)
     writer.write_header_to_file()
@@ -147,11 +161,13 @@ def logits(model, idx):
 def test_smollm2_matches_transformers_gguf_load(smollm2, smollm2_gguf):
     ours = Transformer.from_pretrained(smollm2).eval()
     c = ours.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-            c.intermediate_size, c.vocab_size, c.rope_theta, c.tie_word_embeddings) == \
-        (30, 576, 9, 3, 64, 1536, 49152, 1e5, True)
-    assert c == replace(MODEL_SIZES["SmolLM2-135M"], bos_token_id=1, eos_token_id=2)  # the named shape in model.py
-    reference = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.head_dim, c.intermediate_size, c.vocab_size, c.rope_theta,
+            c.tie_word_embeddings) == (30, 576, 9, 3, 64, 1536, 49152, 1e5, True)
+    # The named shape in model.py.
+    assert c == replace(MODEL_SIZES["SmolLM2-135M"], bos_token_id=1, eos_token_id=2)
+    reference = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent,
+                                                     gguf_file=smollm2_gguf.name,
                                                      dtype=torch.float32).eval()
     tokenizer = load_tokenizer(str(smollm2))
     for text in TEXTS:
@@ -165,14 +181,16 @@ def test_smollm2_matches_transformers_gguf_load(smollm2, smollm2_gguf):
 
 
 def test_smollm2_folder_has_the_files_of_a_download(smollm2):
-    assert sorted(p.name for p in smollm2.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                        "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in smollm2.iterdir()) == ["config.json", "generation_config.json",
+                                                        "model.safetensors", "tokenizer.json",
+                                                        "tokenizer_config.json"]
     config = json.loads((smollm2 / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
     assert "<|im_start|>" in config["chat_template"]
     assert json.loads((smollm2 / "generation_config.json").read_text())["eos_token_id"] == 2
     tokenizer = load_tokenizer(str(smollm2))
-    assert tokenizer.eos_id == 0 and tokenizer.encode("<|im_start|><|im_end|>", allow_special=True) == [1, 2]
+    assert tokenizer.eos_id == 0
+    assert tokenizer.encode("<|im_start|><|im_end|>", allow_special=True) == [1, 2]
 
 
 # ---- tiny files of each architecture ---------------------------------------------------------
@@ -181,11 +199,13 @@ def test_smollm2_folder_has_the_files_of_a_download(smollm2):
 @pytest.mark.parametrize("quantization", ["F32", "Q8_0"])
 def test_tiny_models_match_their_source_and_transformers_gguf_load(arch, quantization, tmp_path):
     source = tiny_hf_model(arch, tie_word_embeddings=arch == "qwen3")
-    path = write_gguf(tmp_path / "tiny.gguf", source, arch, getattr(gguf.GGMLQuantizationType, quantization))
+    path = write_gguf(tmp_path / "tiny.gguf", source, arch,
+                      getattr(gguf.GGMLQuantizationType, quantization))
     convert(path, tmp_path / "hf")
     ours = Transformer.from_pretrained(tmp_path / "hf").eval()
     assert ours.config.tie_word_embeddings == (arch == "qwen3")
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf",
+                                                     dtype=torch.float32).eval()
     idx = torch.randint(0, 260, (2, 37))
     assert (logits(ours, idx) - logits(reference, idx)).abs().max().item() <= 1e-4
     if quantization == "F32":  # nothing lost: the model the file was written from
@@ -193,24 +213,28 @@ def test_tiny_models_match_their_source_and_transformers_gguf_load(arch, quantiz
 
 
 def test_llama_q_and_k_rows_are_put_back():
-    """unpermute_rope_rows inverts llama.cpp's order, and the two orders are two layouts of one RoPE:
-    adjacent pairs rotated on the permuted rows give the attention scores of split halves."""
+    """unpermute_rope_rows inverts llama.cpp's order, and the two orders are two layouts of one
+    RoPE: adjacent pairs rotated on the permuted rows give the attention scores of split halves."""
     torch.manual_seed(0)
     heads, head_dim, d, T = 3, 8, 16, 5
-    q_weight, k_weight, x = torch.randn(heads * head_dim, d), torch.randn(heads * head_dim, d), torch.randn(T, d)
+    q_weight, k_weight, x = (torch.randn(heads * head_dim, d), torch.randn(heads * head_dim, d),
+                             torch.randn(T, d))
     permuted = llama_cpp_permute(q_weight, heads)
     assert not torch.equal(permuted, q_weight)
     assert torch.equal(unpermute_rope_rows(permuted, heads), q_weight)
-    angles = torch.arange(T)[:, None] * 10000.0 ** (-torch.arange(head_dim // 2) / (head_dim // 2))  # (T, hd/2)
+    # (T, hd/2)
+    angles = torch.arange(T)[:, None] * 10000.0 ** (-torch.arange(head_dim // 2) / (head_dim // 2))
     cos, sin = angles.cos(), angles.sin()
 
     def split_halves(v):   # (T, heads, hd): dimension i turns with i + hd/2
         a, b = v.chunk(2, dim=-1)
-        return torch.cat((a * cos[:, None] - b * sin[:, None], b * cos[:, None] + a * sin[:, None]), dim=-1)
+        return torch.cat((a * cos[:, None] - b * sin[:, None], b * cos[:, None] + a * sin[:, None]),
+                         dim=-1)
 
     def adjacent_pairs(v):  # (T, heads, hd): dimension 2i turns with 2i + 1
         a, b = v[..., 0::2], v[..., 1::2]
-        return torch.stack((a * cos[:, None] - b * sin[:, None], b * cos[:, None] + a * sin[:, None]), -1).flatten(-2)
+        rotated = (a * cos[:, None] - b * sin[:, None], b * cos[:, None] + a * sin[:, None])
+        return torch.stack(rotated, -1).flatten(-2)
 
     def scores(rope, wq, wk):
         q, k = (rope((x @ w.T).view(T, heads, head_dim)) for w in (wq, wk))
@@ -219,8 +243,9 @@ def test_llama_q_and_k_rows_are_put_back():
     reference = scores(split_halves, q_weight, k_weight)
     as_llama_cpp = scores(adjacent_pairs, permuted, llama_cpp_permute(k_weight, heads))
     assert torch.allclose(as_llama_cpp, reference, atol=1e-4)
-    assert not torch.allclose(scores(split_halves, permuted, llama_cpp_permute(k_weight, heads)), reference,
-                              atol=1e-2)  # loading the permuted rows as they are: wrong scores
+    # Loading the permuted rows as they are: wrong scores.
+    assert not torch.allclose(scores(split_halves, permuted, llama_cpp_permute(k_weight, heads)),
+                              reference, atol=1e-2)
 
 
 def test_q4_1_block_dequantized_by_hand(tmp_path):
@@ -240,7 +265,8 @@ def test_q4_1_block_dequantized_by_hand(tmp_path):
         return tensors
     path = write_gguf(tmp_path / "q4_1.gguf", source, "llama", edit_tensors=embedding_as_q4_1)
     convert(path, tmp_path / "hf")
-    embedding = load_file(tmp_path / "hf" / "model.safetensors")["model.embed_tokens.weight"].numpy()
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    embedding = tensors["model.embed_tokens.weight"].numpy()
     assert np.array_equal(embedding, expected)
 
 
@@ -248,7 +274,8 @@ def test_llama3_rope_scaling_is_read_from_rope_freqs(tmp_path):
     scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=8192)
     source = tiny_hf_model("llama", max_position_embeddings=131072, rope_scaling=dict(scaling))
-    # What llama.cpp stores: per frequency, the divisor that turns the base frequency into the scaled one.
+    # What llama.cpp stores: per frequency, the divisor that turns the base frequency into the
+    # scaled one.
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     base = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
     divisors = (base / LlamaRotaryEmbedding(source.config).inv_freq).numpy()
@@ -259,7 +286,8 @@ def test_llama3_rope_scaling_is_read_from_rope_freqs(tmp_path):
     idx = torch.randint(0, 260, (1, 40))
     assert (logits(ours, idx) - logits(source, idx)).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="rope_freqs.weight is not Llama 3's rope scaling"):
-        convert(write_gguf(tmp_path / "odd.gguf", source, "llama", rope_freqs=divisors ** 0.5), tmp_path / "odd")
+        convert(write_gguf(tmp_path / "odd.gguf", source, "llama", rope_freqs=divisors ** 0.5),
+                tmp_path / "odd")
 
 
 # ---- bad input: a clear error, and nothing written ------------------------------------------
@@ -271,7 +299,8 @@ def tiny_gguf(tmp_path):
 
 def assert_nothing_written(out):
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]  # no temporary folder
+    # no temporary folder
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
 def test_not_a_gguf_and_truncated_files(tiny_gguf, tmp_path):
@@ -280,7 +309,8 @@ def test_not_a_gguf_and_truncated_files(tiny_gguf, tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
     (tmp_path / "header_only.gguf").write_bytes(data[:200])
     for name in ("text.gguf", "cut.gguf", "header_only.gguf"):
-        with pytest.raises(ValueError, match=f"{name} is not a readable GGUF file.*truncated or corrupt"):
+        with pytest.raises(ValueError,
+                           match=f"{name} is not a readable GGUF file.*truncated or corrupt"):
             convert(tmp_path / name, tmp_path / "out")
         assert_nothing_written(tmp_path / "out")
 
@@ -288,7 +318,8 @@ def test_not_a_gguf_and_truncated_files(tiny_gguf, tmp_path):
 def test_unsupported_architecture_and_quantization(tmp_path):
     source = tiny_hf_model("llama")
     path = write_gguf(tmp_path / "gpt2.gguf", source, "gpt2")
-    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported; .*llama, qwen2, qwen3"):
+    with pytest.raises(ValueError,
+                       match="architecture 'gpt2' is not supported; .*llama, qwen2, qwen3"):
         convert(path, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
@@ -302,8 +333,9 @@ def test_unsupported_architecture_and_quantization(tmp_path):
 
 
 def test_unknown_tensor_and_existing_output(tiny_gguf, tmp_path):
+    unknown = {"blk.0.attn_gate.weight": np.zeros((4, 4), np.float32)}
     path = write_gguf(tmp_path / "extra.gguf", tiny_hf_model("llama"), "llama",
-                      edit_tensors=lambda t: {**t, "blk.0.attn_gate.weight": np.zeros((4, 4), np.float32)})
+                      edit_tensors=lambda t: {**t, **unknown})
     with pytest.raises(ValueError, match="tensor blk.0.attn_gate.weight has no counterpart"):
         convert(path, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
@@ -313,9 +345,11 @@ def test_unknown_tensor_and_existing_output(tiny_gguf, tmp_path):
 
 
 def test_missing_gguf_package_and_the_command_line(tiny_gguf, tmp_path, monkeypatch):
-    command = [sys.executable, "convert_gguf.py", "--gguf", str(tmp_path / "nowhere.gguf"), "--out", str(tmp_path / "o")]
+    command = [sys.executable, "convert_gguf.py", "--gguf", str(tmp_path / "nowhere.gguf"),
+               "--out", str(tmp_path / "o")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr.strip() == f"error: --gguf {tmp_path / 'nowhere.gguf'} does not exist"
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: --gguf {tmp_path / 'nowhere.gguf'} does not exist"
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
     with pytest.raises(ImportError, match="needs the `gguf` package.*pip install gguf"):
         convert(tiny_gguf, tmp_path / "out")

@@ -1,14 +1,14 @@
+import hashlib
+import json
 import random
 import re
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import PurePosixPath
 
 import pytest
 
 from data.embedded import (
-    _FEMALE_NAMES,
-    _MALE_NAMES,
-    FAMILIES,
     Problem,
     format_problem,
     generate_problems,
@@ -16,6 +16,7 @@ from data.embedded import (
     sample_problem,
     stdlib_documents,
 )
+from data.problem_families import _FEMALE_NAMES, _MALE_NAMES, FAMILIES
 
 CALCULATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
@@ -133,7 +134,8 @@ def test_questions_and_names_vary():
 def test_splits_are_disjoint_sized_and_deterministic():
     sizes = dict(n_train=300, n_val=50, n_test=100, n_pool=1000)
     splits = make_splits(seed=3, **sizes)
-    assert {name: len(split) for name, split in splits.items()} == {"train": 300, "val": 50, "test": 100, "pool": 1000}
+    assert {name: len(split) for name, split in splits.items()} == {"train": 300, "val": 50,
+                                                                     "test": 100, "pool": 1000}
     questions = [{p.question for p in split} for split in splits.values()]
     assert sum(len(q) for q in questions) == len(set().union(*questions))
     assert make_splits(seed=3, **sizes) == splits
@@ -145,6 +147,17 @@ def test_pool_size_does_not_change_the_other_splits():
     large = make_splits(seed=3, n_train=100, n_val=20, n_test=30, n_pool=500)
     for name in ("train", "val", "test"):
         assert small[name] == large[name]
+
+
+def test_the_demo_data_is_the_same_as_ever():
+    """The problems behind `make demo` (data/embedded.py --n_train 100, other sizes default) are
+    pinned by a checksum, so that refactoring the generator cannot quietly change the demo's
+    data and with it every number the demo reports."""
+    splits = make_splits(seed=0, n_train=100, n_val=100, n_test=200, n_pool=4000)
+    documents = {name: [dict(asdict(p), text=format_problem(p)) for p in split]
+                 for name, split in splits.items()}
+    digest = hashlib.sha256(json.dumps(documents, sort_keys=True).encode()).hexdigest()
+    assert digest == "9108a12c0ad3d8be6f7ed1ba8817177f0d06b1c8d5d296ab21ef01da1fddb233"
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,17 @@
 """model.py against transformers: logits, RoPE, export, generation, fused loss, bad checkpoints."""
 
+import hashlib
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from model import LinearCrossEntropy, ModelConfig, Transformer, rope_inverse_frequencies
+from model import (MODEL_SIZES, LinearCrossEntropy, ModelConfig, Transformer, config_from_hf,
+                   rope_inverse_frequencies)
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -30,7 +32,8 @@ def hf_model(kind):
                 if name.endswith("bias"):
                     p.normal_()
     elif kind == "llama3":
-        model = LlamaForCausalLM(LlamaConfig(**TINY, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING))
+        model = LlamaForCausalLM(LlamaConfig(**TINY, rope_theta=500000.0,
+                                             rope_scaling=LLAMA3_SCALING))
     return model.eval()
 
 
@@ -83,16 +86,21 @@ def test_llama3_rope_inverse_frequencies_match_transformers():
     ours = ModelConfig(model_type="llama", head_dim=32, rope_theta=500000.0,
                        rope_scaling={k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"})
     reference = LlamaRotaryEmbedding(config).inv_freq
-    assert not torch.equal(reference, 1.0 / (500000.0 ** (torch.arange(0, 32, 2).float() / 32)))  # scaling bites
+    # The scaling bites: the frequencies differ from unscaled RoPE's.
+    assert not torch.equal(reference, 1.0 / (500000.0 ** (torch.arange(0, 32, 2).float() / 32)))
     assert torch.allclose(rope_inverse_frequencies(ours), reference, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("config", [
-    ModelConfig(**TINY, head_dim=32, tie_word_embeddings=True),
-    ModelConfig(**{**TINY, "model_type": "qwen2"}, head_dim=16, tie_word_embeddings=False),
-    ModelConfig(**{**TINY, "model_type": "llama"}, head_dim=16, tie_word_embeddings=False, rope_theta=5e5,
-                rope_scaling={k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"}),
-], ids=["qwen3", "qwen2", "llama"])
+FAMILY_CONFIGS = {
+    "qwen3": ModelConfig(**TINY, head_dim=32, tie_word_embeddings=True),
+    "qwen2": ModelConfig(**{**TINY, "model_type": "qwen2"}, head_dim=16, tie_word_embeddings=False),
+    "llama": ModelConfig(**{**TINY, "model_type": "llama"}, head_dim=16, tie_word_embeddings=False,
+                         rope_theta=5e5, rope_scaling={k: v for k, v in LLAMA3_SCALING.items()
+                                                       if k != "rope_type"}),
+}
+
+
+@pytest.mark.parametrize("config", FAMILY_CONFIGS.values(), ids=FAMILY_CONFIGS)
 @pytest.mark.parametrize("max_shard_bytes", [2**30, 30_000], ids=["single", "sharded"])
 def test_export_round_trip(config, max_shard_bytes, tmp_path):
     torch.manual_seed(0)
@@ -121,6 +129,50 @@ def test_export_replaces_an_earlier_sharded_save(tmp_path):
     Transformer.from_pretrained(tmp_path)
 
 
+CONFIG_JSON_SHA256 = {"qwen3": "f3f9e3c8a4eabc2a6705c86874c0a3b31cf5f4c6bbb8cc84dadf05714cf02096",
+                      "qwen2": "6aa3172ffa4549fed7d7bcb9e18c011eccfac1387fde23fc92cd9e0ab4a148ad",
+                      "llama": "2fc6824ff440727f9344a105763a09a9661ddfa30c191050ccb166bd358dfbcf"}
+
+
+@pytest.mark.parametrize("family", CONFIG_JSON_SHA256)
+def test_config_json_is_written_byte_for_byte_as_before(family, tmp_path):
+    """The entropy cache is keyed by the bytes of the base model's config.json
+    (entropy.checkpoint_fingerprint), so an export must keep writing exactly the same file."""
+    Transformer(FAMILY_CONFIGS[family]).save_pretrained(tmp_path)
+    digest = hashlib.sha256((tmp_path / "config.json").read_bytes()).hexdigest()
+    assert digest == CONFIG_JSON_SHA256[family]
+
+
+def test_attention_features_follow_the_family():
+    expected = {"qwen3": dict(attention_bias=False, qk_norm=True),
+                "qwen2": dict(attention_bias=True, qk_norm=False),
+                "llama": dict(attention_bias=False, qk_norm=False)}
+    hub_configs = {"qwen3": Qwen3Config(**TINY), "qwen2": Qwen2Config(**TINY),
+                   "llama": LlamaConfig(**TINY)}
+    for family, hub_config in hub_configs.items():
+        read = config_from_hf(hub_config.to_dict(), "config.json")
+        assert dict(attention_bias=read.attention_bias, qk_norm=read.qk_norm) == expected[family]
+        default = ModelConfig(model_type=family)
+        flags = dict(attention_bias=default.attention_bias, qk_norm=default.qk_norm)
+        assert flags == expected[family]
+    for name, config in MODEL_SIZES.items():
+        flags = dict(attention_bias=config.attention_bias, qk_norm=config.qk_norm)
+        assert flags == expected[config.model_type], name
+    # Qwen2 has q/k/v biases whatever its attention_bias key says.
+    qwen2 = {**Qwen2Config(**TINY).to_dict(), "attention_bias": False}
+    assert config_from_hf(qwen2, "config.json").attention_bias
+
+
+def test_attention_reads_the_flags_and_export_refuses_what_config_json_cannot_say():
+    config = ModelConfig(**{**TINY, "model_type": "llama"}, attention_bias=True, qk_norm=True)
+    model = Transformer(config)
+    attention = model.layers[0].self_attn
+    assert attention.q_proj.bias is not None and attention.v_proj.bias is not None
+    assert attention.o_proj.bias is None and hasattr(attention, "q_norm")
+    with pytest.raises(ValueError, match="a llama config.json cannot express"):
+        model.hf_config()
+
+
 def test_kv_cache_generation_equals_full_recompute():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**TINY, head_dim=32)).eval()
@@ -142,7 +194,8 @@ def test_generation_stops_at_eos_and_pads_finished_rows():
     out = model.generate(prompt, max_new_tokens=12, eos_id=eos)
     assert torch.equal(out[0, :8], free[0, :8])
     assert (out[0, 8:] == eos).all()
-    sampled = model.generate(prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    sampled = model.generate(prompt, 12, temperature=1.0,
+                             generator=torch.Generator().manual_seed(1))
     assert sampled.shape == (2, 17)
 
 
@@ -152,19 +205,23 @@ def test_left_padded_rows_generate_what_each_row_generates_alone():
     prompts = [torch.randint(0, TINY["vocab_size"], (n,)) for n in (3, 11, 7)]
     width = max(len(p) for p in prompts)
     pad_lengths = torch.tensor([width - len(p) for p in prompts])
-    idx = torch.stack([torch.cat((torch.zeros(width - len(p), dtype=torch.long), p)) for p in prompts])
+    idx = torch.stack([torch.cat((torch.zeros(width - len(p), dtype=torch.long), p))
+                       for p in prompts])
     batched = model.generate(idx, max_new_tokens=15, pad_lengths=pad_lengths)[:, width:]
     with torch.no_grad():
         hidden = model.body(idx, pad_lengths=pad_lengths)
     for row, prompt in enumerate(prompts):
-        assert torch.equal(batched[row], model.generate(prompt[None], max_new_tokens=15)[0, len(prompt):])
+        alone_ids = model.generate(prompt[None], max_new_tokens=15)[0, len(prompt):]
+        assert torch.equal(batched[row], alone_ids)
         with torch.no_grad():
             alone = model.body(prompt[None])[0]
         assert (hidden[row, pad_lengths[row]:] - alone).abs().max() <= 1e-5
     # finished_rows ends a row early (a stop sequence, say); ended rows are padded with eos_id
     stopped = model.generate(idx, max_new_tokens=15, eos_id=0, pad_lengths=pad_lengths,
-                             finished_rows=lambda new: torch.tensor([len(r) >= 4 and i == 1 for i, r in enumerate(new)]))
-    assert torch.equal(stopped[1, width:width + 4], batched[1, :4]) and (stopped[1, width + 4:] == 0).all()
+                             finished_rows=lambda new: torch.tensor(
+                                 [len(r) >= 4 and i == 1 for i, r in enumerate(new)]))
+    assert torch.equal(stopped[1, width:width + 4], batched[1, :4])
+    assert (stopped[1, width + 4:] == 0).all()
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
@@ -183,7 +240,8 @@ def test_fused_loss_matches_cross_entropy_in_chunks(with_entropy):
     reference = F.cross_entropy(logits, targets)
     (2.5 * reference).backward()
     assert abs(loss.item() - reference.item()) <= 1e-5
-    assert torch.allclose(grads[0], hidden.grad, atol=1e-6) and torch.allclose(grads[1], weight.grad, atol=1e-6)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-6)
+    assert torch.allclose(grads[1], weight.grad, atol=1e-6)
     if with_entropy:
         p = torch.softmax(logits.detach().double(), dim=-1)
         assert (entropy.double() - -(p * p.log()).sum(-1)).abs().max() <= 1e-5
@@ -207,7 +265,8 @@ def test_training_loss_and_gradients_match_transformers(tmp_path):
 
 
 def tiny_model_and_batch():
-    """A random tiny model, two rows of inputs and targets, and a fill mask over 30% of positions."""
+    """A random tiny model, two rows of inputs and targets, and a fill mask over 30% of
+    positions."""
     torch.manual_seed(0)
     idx, targets = torch.randint(0, 300, (2, 2, 40)).unbind(0)
     return Transformer(ModelConfig(**TINY)), idx, targets, torch.rand(2, 40) < 0.3
@@ -218,17 +277,20 @@ def training_step(model, idx, targets, fill_mask):
     _, loss = model(idx, targets, fill_mask=fill_mask)
     loss.backward()
     # a compiled model names its parameters "_orig_mod.<name>"
-    return loss.item(), {name.removeprefix("_orig_mod."): p.grad.clone() for name, p in model.named_parameters()}
+    return loss.item(), {name.removeprefix("_orig_mod."): p.grad.clone()
+                         for name, p in model.named_parameters()}
 
 
 def test_training_step_compiles_to_one_graph_with_the_same_gradients():
     model, idx, targets, fill_mask = tiny_model_and_batch()
     explanation = torch._dynamo.explain(model)(idx, targets, fill_mask=fill_mask)
-    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), \
+        explanation.break_reasons
     eager_loss, eager_grads = training_step(model, idx, targets, fill_mask)
     # aot_eager traces forward and backward as torch.compile does (the fused loss included), without
     # the C++ code generation that would take most of a minute here.
-    compiled_loss, compiled_grads = training_step(torch.compile(model, backend="aot_eager"), idx, targets, fill_mask)
+    compiled_loss, compiled_grads = training_step(torch.compile(model, backend="aot_eager"), idx,
+                                                  targets, fill_mask)
     assert abs(compiled_loss - eager_loss) <= 1e-6
     for name, grad in eager_grads.items():
         assert torch.allclose(compiled_grads[name], grad, atol=1e-6), name
@@ -283,7 +345,8 @@ def test_missing_tensor(saved):
 def test_wrong_shape(saved):
     config = json.loads((saved / "config.json").read_text())
     (saved / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
-    with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(96, 64\), expected \(128, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"mlp.gate_proj.weight has shape \(96, 64\), expected \(128, 64\)"):
         Transformer.from_pretrained(saved)
 
 

@@ -36,22 +36,29 @@ CORPUS = [
     "for i in range(10):\n\tprint(f\"{i}: {fibonacci(i)}\")  # tabs and spaces\n",
     "class Model(nn.Module):\r\n    def forward(self, x):\r\n        return self.proj(x) ** 2\r\n",
     "0123456789 3.14159 2.71828 1,000,000 42 1999-12-31 12:34:56 +1 (555) 010-9999 0x1F 1e-5",
-    "你好，世界！今天天气很好。我们一起去公园散步吧。机器学习和自然语言处理很有意思。",
-    "日本語のテキストです。ひらがなとカタカナ、そして漢字を使います。東京は大きい都市です。",
+    "你好，世界！今天天气很好。我们一起去公园散步吧。"
+    "机器学习和自然语言处理很有意思。",
+    "日本語のテキストです。ひらがなとカタカナ、"
+    "そして漢字を使います。東京は大きい都市です。",
     "한국어 문장입니다. 서울은 아름다운 도시입니다.",
-    "Emoji: 😀😃😄 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ❤️ 🇯🇵🇫🇷 🎉🎉🎉",
-    "Accents: café naïve résumé Straße Ångström façade coöperate São Paulo Kraków Zürich",
-    "Combining: e\u0301 a\u0308 n\u0303 o\u0302 \u1100\u1161\u11a8 Ελληνικά Русский текст",
-    "Whitespace:    four spaces\t\ttwo tabs\n\n\nthree newlines\r\n\r\nwindows lines   \n  trailing  ",
-    "Punctuation!!! Really??? Yes... --- *** ### @@@ $$$ %%% &&& ((( ))) [[[ ]]] {{{ }}} «» “quoted”",
+    "Emoji: 😀😃😄 👍🏽 👨‍👩‍👧‍👦 "
+    "🏳️‍🌈 ❤️ 🇯🇵🇫🇷 🎉🎉🎉",
+    "Accents: café naïve résumé Straße Ångström façade "
+    "coöperate São Paulo Kraków Zürich",
+    "Combining: e\u0301 a\u0308 n\u0303 o\u0302 \u1100\u1161\u11a8 "
+    "Ελληνικά Русский текст",
+    "Whitespace:    four spaces\t\ttwo tabs\n\n\nthree newlines\r\n\r\n"
+    "windows lines   \n  trailing  ",
+    "Punctuation!!! Really??? Yes... --- *** ### @@@ $$$ %%% &&& "
+    "((( ))) [[[ ]]] {{{ }}} «» “quoted”",
 ]
 
 
 def generated_corpus() -> list[str]:
     # Invented words and sentences give the trainer enough distinct pieces for ~1500 merges.
     rng = random.Random(2)
-    syllables = ["ka", "ro", "mi", "ten", "sha", "lu", "ver", "qua", "zo", "pin", "dre", "fal", "ché",
-                 "ñu"]
+    syllables = ["ka", "ro", "mi", "ten", "sha", "lu", "ver", "qua", "zo", "pin", "dre", "fal",
+                 "ché", "ñu"]
     hanzi = sorted({char for line in CORPUS for char in line if "\u4e00" <= char <= "\u9fff"})
     lines = []
     for _ in range(400):
@@ -81,13 +88,16 @@ def varied_strings() -> list[str]:
         "def f(x):\n\treturn x**2  # square\n", "for (int i = 0; i < n; ++i) {", "    }\r\n",
         "if x != None:\r\n        y = {'a': [1, 2]}", "import torch.nn as nn", "λx. x + 1",
         "1234567890", "3.14159", "2024-06-01", "1,000,000", "٣٤٥", "Ⅻ", "½", "１２３",
-        "你好，世界！", "日本語のテキストです。", "한국어 문장입니다", "漢字かなカナ", "𠀀𠀁",
-        "😀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "❤️", "🇯🇵", "🧑🏿‍💻",
+        "你好，世界！", "日本語のテキストです。", "한국어 문장입니다",
+        "漢字かなカナ", "𠀀𠀁",
+        "😀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈",
+        "❤️", "🇯🇵", "🧑🏿‍💻",
         "   ", "\t\t", " \n \n", "\r\n", "\n\n\n", "\u00a0", "\u3000", "\u2003", " \t \r",
         "e\u0301", "A\u030a", "n\u0303o", "\u1100\u1161\u11a8", "\u212b", "\u0041\u0327\u0301",
         "I'm", "don't", "WE'LL", "she'S", "they've", "it'd", "'re", "rock'n'roll",
         "!!!", "...", "?!?!", "---", "«»", "“quoted”", "@#$%^&*()", "<|", "|>", "<|endoftext",
-        "naïve café", "Straße", "Ελληνικά", "Русский текст", "עברית", "العربية", "हिन्दी", "ไทย",
+        "naïve café", "Straße", "Ελληνικά", "Русский текст",
+        "עברית", "العربية", "हिन्दी", "ไทย",
         "\x00", "\x07", "\x7f", "\u200b", "\ufeff", "\u2028", "\u2029", "\x85", "\x0b\x0c",
         "\x1c\x1d\x1e\x1f", "\u180e",
     ]
@@ -120,12 +130,14 @@ def byte_level_split(pattern: str) -> pre_tokenizers.PreTokenizer:
     ])
 
 
-def train_tokenizer_json(folder, vocab_size: int, pattern: str = QWEN, nfc: bool = True) -> HFTokenizer:
+def train_tokenizer_json(folder, vocab_size: int, pattern: str = QWEN,
+                         nfc: bool = True) -> HFTokenizer:
     hf = HFTokenizer(models.BPE())
     hf.normalizer = normalizers.NFC() if nfc else None
     hf.pre_tokenizer = byte_level_split(pattern)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=SPECIALS, show_progress=False)
     hf.train_from_iterator(CORPUS * 3 + generated_corpus(), trainer=trainer)
     os.makedirs(folder, exist_ok=True)
@@ -183,7 +195,8 @@ def test_lone_byte_level_pre_tokenizer_splits_like_gpt2(trained_llama3, tmp_path
     hf = HFTokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.save(str(tmp_path / "tokenizer.json"))
-    assert json.loads((tmp_path / "tokenizer.json").read_text())["pre_tokenizer"]["type"] == "ByteLevel"
+    definition = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert definition["pre_tokenizer"]["type"] == "ByteLevel"
     ours = load_tokenizer(str(tmp_path))
     for text in STRINGS:
         assert ours.encode(text) == hf.encode(text).ids, repr(text)
@@ -198,7 +211,8 @@ def test_special_token_text_is_plain_unless_allowed(trained):
     assert ours.eos_id not in plain and len(plain) > 3 and ours.decode(plain) == text
     assert ours.encode("<|endoftext|>", allow_special=True) == [ours.eos_id]
     assert ours.encode(text, allow_special=True) == hf.encode(text).ids
-    assert ours.encode(text, allow_special=True)[-2:] == [ours.eos_id, hf.token_to_id("<|im_start|>")]
+    assert ours.encode(text, allow_special=True)[-2:] == [ours.eos_id,
+                                                         hf.token_to_id("<|im_start|>")]
     assert ours.decode(np.array([ours.eos_id])) == "<|endoftext|>"
     assert ours.decode(iter(plain)) == text
 
@@ -219,7 +233,8 @@ def test_vocab_and_merges_layout(trained, tmp_path):
     ours.save(str(tmp_path / "saved"))
     for name in ["merges.txt", "tokenizer_config.json", "vocab.json"]:
         assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / name).read_bytes()
-    assert sorted(os.listdir(tmp_path / "saved")) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    assert sorted(os.listdir(tmp_path / "saved")) == ["merges.txt", "tokenizer_config.json",
+                                                      "vocab.json"]
     assert load_tokenizer(str(tmp_path / "saved")).fingerprint == ours.fingerprint
 
 
@@ -319,12 +334,14 @@ def test_fingerprint(trained, tmp_path):
     assert load_tokenizer(str(tmp_path / "smaller")).fingerprint != first.fingerprint
     assert load_tokenizer("byte").fingerprint != first.fingerprint
 
-    # Same ranks and specials, but a different split pattern or no normalization: a different mapping.
+    # Same ranks and specials, but a different split pattern or no normalization: a different
+    # mapping.
     def use_llama3_split(definition):
         definition["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = LLAMA3
 
     other_pattern = edited_tokenizer_json(folder, tmp_path / "llama_split", use_llama3_split)
-    no_normalizer = edited_tokenizer_json(folder, tmp_path / "no_nfc", lambda d: d.update(normalizer=None))
+    no_normalizer = edited_tokenizer_json(folder, tmp_path / "no_nfc",
+                                          lambda d: d.update(normalizer=None))
     assert load_tokenizer(other_pattern).fingerprint != first.fingerprint
     assert load_tokenizer(no_normalizer).encode("e\u0301") != first.encode("e\u0301")
     assert load_tokenizer(no_normalizer).fingerprint != first.fingerprint
@@ -334,9 +351,11 @@ def test_save_copies_config_beside_tokenizer_json(trained, tmp_path):
     folder, _ = trained
     source = tmp_path / "source"
     source.mkdir()
-    (source / "tokenizer.json").write_bytes(open(os.path.join(folder, "tokenizer.json"), "rb").read())
+    (source / "tokenizer.json").write_bytes(open(os.path.join(folder, "tokenizer.json"),
+                                                 "rb").read())
+    # Models emit non-special added tokens too, as Qwen3 does.
     added = {"1999": {"content": "<|im_end|>", "special": True},
-             "1998": {"content": "<think>", "special": False}}  # models emit these too, as Qwen3 does
+             "1998": {"content": "<think>", "special": False}}
     (source / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
     ours = load_tokenizer(str(source))
     assert ours.encode("<|im_end|>", allow_special=True) == [1999]
@@ -365,13 +384,15 @@ def test_bad_inputs(trained, tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(empty)) + ".*tokenizer.json.*tokenizer.model"):
+    with pytest.raises(FileNotFoundError,
+                       match=re.escape(str(empty)) + ".*tokenizer.json.*tokenizer.model"):
         load_tokenizer(str(empty))
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "tokenizer.json").write_text('{"model": {"type": "BPE", ')
-    with pytest.raises(ValueError, match=re.escape(str(corrupt / "tokenizer.json")) + ".*not valid JSON"):
+    with pytest.raises(ValueError,
+                       match=re.escape(str(corrupt / "tokenizer.json")) + ".*not valid JSON"):
         load_tokenizer(str(corrupt))
 
     cases = [
@@ -379,7 +400,8 @@ def test_bad_inputs(trained, tmp_path):
         ("wordpiece", lambda d: d["model"].update(type="WordPiece"), "WordPiece"),
         ("metaspace", lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), "Metaspace"),
         ("no_eos", lambda d: d["added_tokens"][0].update(content="<|pad|>"), re.escape("<|pad|>")),
-        ("no_byte_0_but_unk", lambda d: (d["model"]["vocab"].pop("\u0100"), d["model"].update(unk_token="<|im_start|>")),
+        ("no_byte_0_but_unk", lambda d: (d["model"]["vocab"].pop("\u0100"),
+                                         d["model"].update(unk_token="<|im_start|>")),
          "lacks some single bytes and names an unknown token"),
         ("digits_after_split", lambda d: d["pre_tokenizer"]["pretokenizers"].append(
             {"type": "Digits", "individual_digits": True}), "Digits"),
@@ -392,23 +414,26 @@ def test_bad_inputs(trained, tmp_path):
 
 # ---- GPT-2's pre-tokenizer after Digits (SmolLM2, StarCoder), and vocabularies lacking bytes ----
 
-DIGIT_EDGES = ["12345", " 5", "  5", "x  12", "a 1 b  22 c   333", "\n\n  7\n", "3.14159", "1,000,000", "v2.0",
-               "①②", "٣٤٥", "１２３", "x\t\t9", "  \n 4", "it's 7's", "$12.50", "-3", " -3", "a1b2", "  ",
-               "Total: 45 + 37 = 82\nThe answer is 82."]
-MISSING_BYTE_EDGES = ["a\x04b", "!\x04!", "\x04", " \x04 ", "x\x1dy", " \x1d\x1d 5", "1\x042", "\x06\x06",
-                      "a\x13\x14b", "  \x16  7", "ab\x1d\ncd", "<|im_start|>\x04<|im_end|>"]
+DIGIT_EDGES = ["12345", " 5", "  5", "x  12", "a 1 b  22 c   333", "\n\n  7\n", "3.14159",
+               "1,000,000", "v2.0", "①②", "٣٤٥", "１２３", "x\t\t9", "  \n 4", "it's 7's",
+               "$12.50", "-3", " -3", "a1b2", "  ", "Total: 45 + 37 = 82\nThe answer is 82."]
+MISSING_BYTE_EDGES = ["a\x04b", "!\x04!", "\x04", " \x04 ", "x\x1dy", " \x1d\x1d 5", "1\x042",
+                      "\x06\x06", "a\x13\x14b", "  \x16  7", "ab\x1d\ncd",
+                      "<|im_start|>\x04<|im_end|>"]
 
 
 def digits_then_byte_level() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                             use_regex=True)])
 
 
 def test_digits_before_byte_level_matches_hugging_face(tmp_path):
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = digits_then_byte_level()
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=1500,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=SPECIALS, show_progress=False)
     hf.train_from_iterator(CORPUS * 3 + generated_corpus(), trainer=trainer)
     hf.save(str(tmp_path / "tokenizer.json"))
@@ -423,7 +448,8 @@ def test_digits_before_byte_level_matches_hugging_face(tmp_path):
 
 def test_vocabulary_lacking_bytes_skips_them_like_hugging_face(trained, tmp_path):
     """Without an unknown token, Hugging Face drops a byte that has no token once the text is split,
-    and the bytes around it may then merge: tiktoken alone cannot, so tokenizer.py does it by hand."""
+    and the bytes around it may then merge: tiktoken alone cannot, so tokenizer.py does it by
+    hand."""
     folder, _ = trained
     table = gpt2_byte_table()
 
@@ -434,7 +460,8 @@ def test_vocabulary_lacking_bytes_skips_them_like_hugging_face(trained, tmp_path
     hf = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
     ours = load_tokenizer(path)
     assert hf.encode("!\x04!").tokens == ["!!"]  # merged across the skipped byte
-    texts = STRINGS + MISSING_BYTE_EDGES + [text.replace(" ", "\x04 ") for text in STRINGS[:100]] + \
+    texts = STRINGS + MISSING_BYTE_EDGES + \
+        [text.replace(" ", "\x04 ") for text in STRINGS[:100]] + \
         [text.replace("e", "\x1d") for text in STRINGS[:100]]
     for text in texts:
         assert ours.encode(text, allow_special=True) == hf.encode(text).ids, repr(text)
@@ -443,18 +470,22 @@ def test_vocabulary_lacking_bytes_skips_them_like_hugging_face(trained, tmp_path
 
 def test_smollm2_ids_match_hugging_face(smollm2):
     """The converted SmolLM2 tokenizer.json carries Hugging Face's own pre-tokenizer for SmolLM2,
-    so HF `tokenizers` on it is the reference; 0 mismatches over problems, library text and edges."""
+    so HF `tokenizers` on it is the reference; 0 mismatches over problems, library text and
+    edges."""
     definition = json.loads((smollm2 / "tokenizer.json").read_text())
     assert definition["normalizer"] is None
-    assert [step["type"] for step in definition["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
+    assert [step["type"] for step in definition["pre_tokenizer"]["pretokenizers"]] == \
+        ["Digits", "ByteLevel"]
     assert definition["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] is True
     hf = HFTokenizer.from_file(str(smollm2 / "tokenizer.json"))
     ours = load_tokenizer(str(smollm2))
     assert (ours.vocab_size, ours.eos_id) == (49152, 0)
-    texts = ([format_problem(p) for p in generate_problems(300, seed=0)] + [text for _, text in stdlib_documents()]
-             + STRINGS + DIGIT_EDGES + MISSING_BYTE_EDGES + ["<|im_start|>user\nHi<|im_end|>\n<|endoftext|>"])
+    texts = ([format_problem(p) for p in generate_problems(300, seed=0)]
+             + [text for _, text in stdlib_documents()] + STRINGS + DIGIT_EDGES
+             + MISSING_BYTE_EDGES + ["<|im_start|>user\nHi<|im_end|>\n<|endoftext|>"])
     # HF matches special tokens wherever they appear; ours does so only when allowed.
-    mismatches = [text[:80] for text in texts if ours.encode(text, allow_special=True) != hf.encode(text).ids]
+    mismatches = [text[:80] for text in texts
+                  if ours.encode(text, allow_special=True) != hf.encode(text).ids]
     assert mismatches == []
     assert ours.encode("  5") == [hf.token_to_id("ĠĠ"), hf.token_to_id("5")]
     assert ours.decode(ours.encode(texts[0])) == texts[0]
