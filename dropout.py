@@ -28,8 +28,8 @@ GAMMA, MASK_UNIFORM, RANDOM_SCORES, NEFTUNE_NOISE, HIDDEN_DROPOUT = range(5)
 
 def seed_for(seed, step, purpose, index=0) -> int:
     """A 64-bit seed that depends only on these integers (index: a window's sample index, or a rank)."""
-    words = np.random.SeedSequence([seed, step, purpose, index]).generate_state(2, dtype=np.uint32)
-    return int(words[0]) << 32 | int(words[1])
+    high_bits, low_bits = np.random.SeedSequence([seed, step, purpose, index]).generate_state(2, dtype=np.uint32)
+    return int(high_bits) << 32 | int(low_bits)
 
 
 def generator_for(seed, step, purpose, sample_index=0, device="cpu"):

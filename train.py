@@ -247,42 +247,46 @@ class EvalSets:
     groups: torch.Tensor | None = None
 
 
+EVAL_MEASURES = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss", "accuracy")
+
+
 def evaluate(model, c, sets: EvalSets, tokenizer, cluster, autocast):
     """Target validation loss, overall and by the base model's entropy groups (Sec. 2, RQ3), general
     validation loss, and optionally answer accuracy. Batches are shared out across ranks, every rank
     running the same number of forward passes (see parallel.equal_share)."""
     model.eval()
     device = cluster.device
-    sums = torch.zeros(5, device=device, dtype=torch.float64)  # target, low, high, general, correct
-    counts = torch.zeros(5, device=device, dtype=torch.float64)
+    slot = {name: i for i, name in enumerate(EVAL_MEASURES)}  # each measure's place in sums, counts
+    sums = torch.zeros(len(EVAL_MEASURES), device=device, dtype=torch.float64)
+    counts = torch.zeros(len(EVAL_MEASURES), device=device, dtype=torch.float64)
     b, groups, problems = c.micro_batch_size, sets.groups, sets.problems
     with torch.no_grad(), autocast:
-        for windows, slot in ((sets.val, 0), (sets.general_val, 3)):
+        for windows, measure in ((sets.val, "val_loss"), (sets.general_val, "general_val_loss")):
             for start, stop, counted in equal_share(len(windows), cluster.rank, cluster.world_size, b):
                 nll = token_entropies(model, windows[start:stop].to(device), return_nll=True)[1][:, 1:]
                 if not counted:
                     continue
-                sums[slot] += nll.sum()
-                counts[slot] += nll.numel()
-                if slot == 0 and groups is not None:
-                    for j, where in enumerate(groups[start:stop].to(device).unbind(1), start=1):
-                        sums[j] += nll[where].sum()   # where (b, seq_len): the low or high group
-                        counts[j] += where.sum()
+                sums[slot[measure]] += nll.sum()
+                counts[slot[measure]] += nll.numel()
+                if measure == "val_loss" and groups is not None:
+                    low, high = groups[start:stop].to(device).unbind(1)  # each (b, seq_len)
+                    for group, where in (("val_loss_low", low), ("val_loss_high", high)):
+                        sums[slot[group]] += nll[where].sum()
+                        counts[slot[group]] += where.sum()
         if problems:  # batched greedy decoding, scored by the rules of evaluate.py
             mine = problems[cluster.rank::cluster.world_size]
             padding = -(-len(problems) // cluster.world_size) - len(mine)  # equal shares (see above)
             records = score(model, tokenizer, mine + problems[:1] * padding, c.accuracy_format, shots=0,
                             max_new_tokens=256, batch_size=b, progress=False,
                             synchronized=isinstance(model, FSDPModule))[:len(mine)]
-            sums[4] += sum(r["correct"] for r in records)
-            counts[4] += len(records)
+            sums[slot["accuracy"]] += sum(r["correct"] for r in records)
+            counts[slot["accuracy"]] += len(records)
     if cluster.distributed:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
     model.train()
     reshard(model)
-    names = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss", "accuracy")
-    return {name: (sums[j] / counts[j]).item() if counts[j] > 0 else None for j, name in enumerate(names)}
+    return {name: (sums[i] / counts[i]).item() if counts[i] > 0 else None for name, i in slot.items()}
 
 
 def entropy_groups(val_nll):
@@ -637,13 +641,13 @@ def main(argv):
             if (step + 1) % c.log_interval == 0:
                 mfu = flops_per_token * tokens_per_sec / (peak * cluster.world_size) if peak else None
                 run_log.write({"kind": "train", "step": step + 1, "epoch": loader.epoch, "lr": lr,
-                               "gamma_max": ceiling, "gamma": gamma,
+                               "gamma_max_j": ceiling, "gamma": gamma,
                                "mask_rate": stats[1].item() / max(1.0, stats[2].item()),
                                "train_loss": train_loss, "grad_norm": grad_norm,
                                "tokens_per_sec": tokens_per_sec, "mfu": mfu})
                 if master:
                     print(f"step {step + 1}/{max_steps} epoch {loader.epoch:.2f} loss {train_loss:.4f} "
-                          f"lr {lr:.2e} gamma_max {ceiling:.3f} grad_norm {grad_norm:.3f} "
+                          f"lr {lr:.2e} gamma_max(j) {ceiling:.3f} grad_norm {grad_norm:.3f} "
                           f"{tokens_per_sec:,.0f} tok/s")
     except KeyboardInterrupt:
         raise TrainingStopped(interrupted_message(loader.step, saved_step)) from None

@@ -4,7 +4,7 @@
 # tokens on 0.02B unique target tokens is 90 target epochs (3B x 0.6 / 0.02B).
 #   torchrun --nproc_per_node=8 train.py config/qwen3_0.6b_math.py --method=entrodrop
 # Paths: a HF checkpoint folder and two folders written by data/prepare.py.
-init_from = "checkpoints/Qwen3-0.6B-Base"
+init_from = "checkpoints/Qwen3-0.6B"
 target_data = "data/numina"
 general_data = "data/infinity_instruct"
 out_dir = "out/qwen3_0.6b_math/entrodrop"

@@ -4,7 +4,7 @@
 # tokens on 0.02B unique target tokens is 30 target epochs (1B x 0.6 / 0.02B).
 #   torchrun --nproc_per_node=8 train.py config/qwen3_1.7b_math.py --method=entrodrop
 # Paths: a HF checkpoint folder and two folders written by data/prepare.py.
-init_from = "checkpoints/Qwen3-1.7B-Base"
+init_from = "checkpoints/Qwen3-1.7B"
 target_data = "data/numina"
 general_data = "data/infinity_instruct"
 out_dir = "out/qwen3_1.7b_math/entrodrop"

@@ -132,9 +132,9 @@ def test_patience_midpoint_starts_the_curriculum_when_the_run_turns(workspace, t
     assert midpoint == turn_by_patience([r["epoch"] for r in upto], [r["val_loss"] for r in upto], 2)
     steps = records(out, "train")
     found_step = next(r["step"] for r in evals if r["epoch"] == found_at)
-    assert all(r["gamma_max"] == 0.0 for r in steps if r["step"] <= found_step)
+    assert all(r["gamma_max_j"] == 0.0 for r in steps if r["step"] <= found_step)
     before = {r["step"]: r for r in steps}
     for r in steps:
         if r["step"] > found_step + 1:  # a step's ceiling uses the epoch it starts at
             expected = 0.5 / (1 + math.exp(-(before[r["step"] - 1]["epoch"] - midpoint)))  # Eq. (4)
-            assert r["gamma_max"] == pytest.approx(expected)
+            assert r["gamma_max_j"] == pytest.approx(expected)

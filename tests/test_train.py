@@ -147,7 +147,7 @@ def test_continual_pretraining_logs_groups_and_exports_for_transformers(workspac
     assert evals[0]["val_loss_low"] < evals[0]["val_loss"] < evals[0]["val_loss_high"]  # groups: this model's
     assert all(r["val_loss_low"] is not None and r["val_loss_high"] is not None for r in evals)
     assert evals[-1]["best_epoch"] is not None and "done: best target val loss" in result.stdout
-    assert all(0 <= r["gamma"] <= r["gamma_max"] <= 0.5 for r in records(out, "train"))
+    assert all(0 <= r["gamma"] <= r["gamma_max_j"] <= 0.5 for r in records(out, "train"))
     cache = list((workspace / "math").glob("entropy_*_seq32.safetensors"))
     assert len(cache) == 1
 
@@ -241,7 +241,7 @@ def test_curriculum_midpoint_read_off_the_baseline(workspace, tmp_path):
     train.main(args_for(workspace, out, method="entrodrop", max_steps=4, curriculum_midpoint=f"auto:{tmp_path / 'baseline'}"))
     assert records(out, "curriculum") == [{"kind": "curriculum", "midpoint": expected}]
     before, last = records(out, "train")[-2:]  # a step's ceiling uses the epoch it starts at
-    assert last["gamma_max"] == pytest.approx(0.5 / (1 + math.exp(-(before["epoch"] - expected))))  # Eq. (4)
+    assert last["gamma_max_j"] == pytest.approx(0.5 / (1 + math.exp(-(before["epoch"] - expected))))  # Eq. (4)
     with pytest.raises(FileNotFoundError, match="nothing holds no log.jsonl with evaluations"):
         train.main(args_for(workspace, tmp_path / "e2", method="entrodrop", curriculum_midpoint=f"auto:{tmp_path / 'nothing'}"))
     guard(workspace, tmp_path, "must be a number, 'auto:<baseline out_dir>' or 'patience:<P>'", method="entrodrop",
