@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
 from model import replace_durably
@@ -48,19 +48,20 @@ def lock_out_dir(out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
         handle = open(out_dir / ".lock", "a+")
     except OSError as e:  # a file of that name, no permission, a read-only disk
-        raise ValueError(f"out_dir={out_dir} cannot be used ({e.strerror}); choose a folder that can be written") from None
+        raise ValueError(f"out_dir={out_dir} cannot be used ({e.strerror}); choose a folder that "
+                         "can be written") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise ValueError(f"out_dir={out_dir} is in use by {holder}; wait for that run to end or stop it "
-                         "(kill its pid), or choose another out_dir") from None
+        raise ValueError(f"out_dir={out_dir} is in use by {holder}; wait for that run to end or "
+                         "stop it (kill its pid), or choose another out_dir") from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                 f"{' '.join(sys.argv)}\n")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
     handle.flush()
     HELD_LOCKS.append(handle)
 
@@ -72,8 +73,8 @@ def write_durably(path, text):
 
 
 def swap_in(fresh: Path, folder: Path):
-    """Put a folder written whole under a temporary name in place of folder: the earlier one is moved
-    aside first and deleted last, so a crash leaves one of the two, never a mixture."""
+    """Put a folder written whole under a temporary name in place of folder: the earlier one is
+    moved aside first and deleted last, so a crash leaves one of the two, never a mixture."""
     stale = folder.with_name(f".{folder.name}.old.{os.getpid()}")
     if folder.exists():
         os.replace(folder, stale)
@@ -86,14 +87,16 @@ def read_train_state(folder: Path):
     try:
         return torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # missing, empty or truncated
-        raise ValueError(f"{folder} is not a readable checkpoint ({type(e).__name__}: {e}); it may be empty or "
-                         "truncated: delete it to start this run over") from None
+        raise ValueError(f"{folder} is not a readable checkpoint ({type(e).__name__}: {e}); it may "
+                         "be empty or truncated: delete it to start this run over") from None
 
 
 def save_training_state(folder: Path, model, optimizer, train_state, cluster):
     """All ranks: the model and the optimizer, as each rank holds them (whole under DDP, a shard
-    under FSDP), with torch.distributed.checkpoint; rank 0 adds train_state.pt and swaps the folder in."""
-    fresh = folder.with_name(f".{folder.name}.step{train_state['loader']['step']}")  # the same name on every rank
+    under FSDP), with torch.distributed.checkpoint; rank 0 adds train_state.pt and swaps the
+    folder in."""
+    # The same name on every rank.
+    fresh = folder.with_name(f".{folder.name}.step{train_state['loader']['step']}")
     if cluster.master:
         shutil.rmtree(fresh, ignore_errors=True)  # left by a save that was killed
     if cluster.distributed:
@@ -111,8 +114,9 @@ def save_training_state(folder: Path, model, optimizer, train_state, cluster):
 
 @contextmanager
 def interrupts_held():
-    """Ctrl-C (SIGINT) during a save takes effect once the save is complete: torch.distributed.checkpoint
-    would otherwise turn it into a CheckpointException halfway through the write."""
+    """Ctrl-C (SIGINT) during a save takes effect once the save is complete:
+    torch.distributed.checkpoint would otherwise turn it into a CheckpointException halfway
+    through the write."""
     received = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
@@ -133,13 +137,16 @@ def single_process_quietly():
 
 
 def load_training_state(folder: Path, model, optimizer=None):
-    """Read a checkpoint into the model (and optimizer), resharded to however many ranks there are now."""
-    model_state, optimizer_state = get_state_dict(model, optimizer) if optimizer else (model.state_dict(), None)
+    """Read a checkpoint into the model (and optimizer), resharded to however many ranks there are
+    now."""
+    model_state, optimizer_state = (get_state_dict(model, optimizer) if optimizer
+                                    else (model.state_dict(), None))
     state = {"model": model_state, **({"optimizer": optimizer_state} if optimizer else {})}
     with single_process_quietly():
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
     if optimizer:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
     else:
         model.load_state_dict(state["model"])
 
@@ -150,7 +157,8 @@ def export(model, tokenizer, folder: Path, cluster):
     full weights are gathered to rank 0 first, onto its CPU."""
     weights = None
     if isinstance(model, FSDPModule):
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                       cpu_offload=True))
     if cluster.master:
         fresh = folder.with_name(f".{folder.name}.new.{os.getpid()}")
         model.save_pretrained(fresh, weights=weights)

@@ -27,8 +27,10 @@ GAMMA, MASK_UNIFORM, RANDOM_SCORES, NEFTUNE_NOISE, HIDDEN_DROPOUT = range(5)
 
 
 def seed_for(seed, step, purpose, index=0) -> int:
-    """A 64-bit seed that depends only on these integers (index: a window's sample index, or a rank)."""
-    high_bits, low_bits = np.random.SeedSequence([seed, step, purpose, index]).generate_state(2, dtype=np.uint32)
+    """A 64-bit seed that depends only on these integers (index: a window's sample index, or a
+    rank)."""
+    high_bits, low_bits = np.random.SeedSequence([seed, step, purpose, index]).generate_state(
+        2, dtype=np.uint32)
     return int(high_bits) << 32 | int(low_bits)
 
 
@@ -45,7 +47,8 @@ def draw_gamma(seed, step, gamma_max_j) -> float:
 def row_uniforms(seed, step, purpose, sample_index, length) -> torch.Tensor:
     """(b, length) U[0, 1) draws, row r from its own generator keyed by sample_index[r]; zeros on
     general rows (sample index -1), which are never perturbed."""
-    rows = [torch.rand(length, generator=generator_for(seed, step, purpose, i)) if i >= 0 else torch.zeros(length)
+    rows = [torch.rand(length, generator=generator_for(seed, step, purpose, i)) if i >= 0
+            else torch.zeros(length)
             for i in sample_index.tolist()]
     return torch.stack(rows)
 
@@ -80,7 +83,8 @@ def sample_mask(eligible, gamma, target_rows, uniform) -> torch.Tensor:
     return eligible & (uniform < gamma) & target_rows[:, None]
 
 
-def token_dropout_mask(scores, target_rows, sample_index, seed, step, gamma, targeting, gate_percentile):
+def token_dropout_mask(scores, target_rows, sample_index, seed, step, gamma, targeting,
+                       gate_percentile):
     """The dropout mask of one micro-batch: scores (b, T) from the entropy cache (NaN on general
     rows and at column 0) -> bool (b, T)."""
     length = scores.shape[1]

@@ -62,9 +62,10 @@ def token_entropies(model, idx, return_nll=False):
     # Under the caller's autocast, if any, but without its cache: each layer's weight is used once
     # here, and caching the low-precision copies of all of them would only hold memory (1.2 GB
     # for Qwen3-0.6B).
-    with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device),
-                        cache_enabled=False):
-        entropy, nll = model(idx[:, :-1], idx[:, 1:], per_token=True)  # (B, T - 1) each: columns 1 .. T-1
+    with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
+                        enabled=torch.is_autocast_enabled(device), cache_enabled=False):
+        # (B, T - 1) each: columns 1 .. T-1
+        entropy, nll = model(idx[:, :-1], idx[:, 1:], per_token=True)
     nan_column = torch.full((idx.shape[0], 1), float("nan"), device=idx.device)
     entropy, nll = torch.cat((nan_column, entropy), dim=1), torch.cat((nan_column, nll), dim=1)
     return (entropy, nll) if return_nll else entropy
@@ -77,7 +78,8 @@ def default_cache_path(target_data, model_fingerprint, seq_len) -> str:
 def cache_header(init_from, target_data, seq_len) -> dict:
     """What a cache must have been computed from: model, data and window length."""
     splits = load_meta(target_data)["splits"]
-    return {"format": CACHE_FORMAT, "model": checkpoint_fingerprint(init_from), "seq_len": str(seq_len),
+    return {"format": CACHE_FORMAT, "model": checkpoint_fingerprint(init_from),
+            "seq_len": str(seq_len),
             "data": ",".join(splits[s]["sha256"] for s in ("train", "val"))}
 
 
@@ -86,20 +88,23 @@ def load_entropy_cache(path, header, rebuild_hint) -> dict:
     path was computed from what `header` describes; otherwise an error that says how to rebuild."""
     try:
         with safe_open(path, framework="pt") as f:
-            found, tensors = f.metadata() or {}, {key: f.get_tensor(key).float() for key in f.keys()}
+            found, tensors = (f.metadata() or {},
+                              {key: f.get_tensor(key).float() for key in f.keys()})
     except Exception as e:  # safetensors reports a truncated or damaged file as its own error type
-        raise ValueError(f"entropy cache {path} is unreadable ({type(e).__name__}: {e}); delete it and it is "
-                         f"rebuilt by the next run, or rebuild it with: {rebuild_hint}") from None
+        raise ValueError(f"entropy cache {path} is unreadable ({type(e).__name__}: {e}); delete it "
+                         "and it is rebuilt by the next run, or rebuild it with: "
+                         f"{rebuild_hint}") from None
     for key, expected in header.items():
         if found.get(key) != expected:
             raise ValueError(f"entropy cache {path} does not match this run: its {key} is "
-                             f"{found.get(key, 'missing')!r}, expected {expected!r} (the model or the data "
-                             f"changed). Delete it, or rebuild it with: {rebuild_hint}")
+                             f"{found.get(key, 'missing')!r}, expected {expected!r} (the model or "
+                             f"the data changed). Delete it, or rebuild it with: {rebuild_hint}")
     return tensors
 
 
 @torch.no_grad()
-def build_entropy_cache(model, target_data, seq_len, path, header, batch_size, rank=0, world_size=1):
+def build_entropy_cache(model, target_data, seq_len, path, header, batch_size, rank=0,
+                        world_size=1):
     """Run the model over every window of target_data's train and val splits, ranks taking every
     world_size-th window, and write the cache (rank 0). Under autocast if the caller set one."""
     device = next(model.parameters()).device
@@ -108,19 +113,24 @@ def build_entropy_cache(model, target_data, seq_len, path, header, batch_size, r
         windows = torch.from_numpy(read_windows(target_data, split, seq_len))  # (n, seq_len + 1)
         share = -(-len(windows) // world_size)
         mine = windows[rank::world_size]
-        # Every rank runs as many forward passes (each gathers weights from all ranks under FSDP): a
-        # short share is filled up with repeats of window 0, whose results fall beyond the real windows.
+        # Every rank runs as many forward passes (each gathers weights from all ranks under FSDP):
+        # a short share is filled up with repeats of window 0, whose results fall beyond the real
+        # windows.
         mine = torch.cat((mine, windows[:1].expand(share - len(mine), -1)))
         scores = torch.full((share, seq_len + 1, 2), float("nan"), device=device)
-        for start in tqdm(range(0, share, batch_size), desc=f"entropy of {split} windows", disable=rank != 0):
-            entropy, nll = token_entropies(model, mine[start:start + batch_size].to(device), return_nll=True)
+        for start in tqdm(range(0, share, batch_size), desc=f"entropy of {split} windows",
+                          disable=rank != 0):
+            entropy, nll = token_entropies(model, mine[start:start + batch_size].to(device),
+                                           return_nll=True)
             scores[start:start + len(entropy)] = torch.stack((entropy, nll), dim=-1)
-        if world_size > 1:  # window i was computed by rank i % world_size, as its (i // world_size)-th
+        # Window i was computed by rank i % world_size, as its (i // world_size)-th.
+        if world_size > 1:
             gathered = [torch.empty_like(scores) for _ in range(world_size)]
             dist.all_gather(gathered, scores)
             scores = torch.stack(gathered, dim=1).flatten(0, 1)
         scores = scores[:len(windows)].half().cpu()
-        tensors[f"{split}_entropy"], tensors[f"{split}_nll"] = scores[..., 0].contiguous(), scores[..., 1].contiguous()
+        tensors[f"{split}_entropy"], tensors[f"{split}_nll"] = (scores[..., 0].contiguous(),
+                                                                scores[..., 1].contiguous())
     if rank == 0:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         temporary = f"{path}.{os.getpid()}.tmp"
@@ -133,11 +143,15 @@ def build_entropy_cache(model, target_data, seq_len, path, header, batch_size, r
 def main():
     from model import Transformer
 
-    parser = argparse.ArgumentParser(description="Build the entropy cache of a base model over target data.")
+    parser = argparse.ArgumentParser(
+        description="Build the entropy cache of a base model over target data.")
     parser.add_argument("--init_from", required=True, help="the base model's HF checkpoint folder")
-    parser.add_argument("--target_data", required=True, help="a prepared data folder (train.bin, val.bin, meta.json)")
-    parser.add_argument("--seq_len", type=int, required=True, help="the window length training will use")
-    parser.add_argument("--entropy_cache", default="", help="output path (default: inside target_data)")
+    parser.add_argument("--target_data", required=True,
+                        help="a prepared data folder (train.bin, val.bin, meta.json)")
+    parser.add_argument("--seq_len", type=int, required=True,
+                        help="the window length training will use")
+    parser.add_argument("--entropy_cache", default="",
+                        help="output path (default: inside target_data)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
@@ -148,12 +162,14 @@ def main():
     if distributed:
         dist.init_process_group("nccl" if gpu else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    # As train.py builds it: fp32 weights, under bf16 autocast on a GPU, so that both give one cache.
+    # As train.py builds it: fp32 weights, under bf16 autocast on a GPU, so that both give one
+    # cache.
     model = Transformer.from_pretrained(args.init_from, device=device).eval()
     header = cache_header(args.init_from, args.target_data, args.seq_len)
     path = args.entropy_cache or default_cache_path(args.target_data, header["model"], args.seq_len)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
-        build_entropy_cache(model, args.target_data, args.seq_len, path, header, args.batch_size, rank, world_size)
+        build_entropy_cache(model, args.target_data, args.seq_len, path, header, args.batch_size,
+                            rank, world_size)
     if rank == 0:
         print(f"wrote {path}")
 
@@ -164,5 +180,6 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     finally:
-        if dist.is_initialized():  # also after an error: a group left to the interpreter's exit can abort
+        # Also after an error: a group left to the interpreter's exit can abort.
+        if dist.is_initialized():
             dist.destroy_process_group()

@@ -2,7 +2,8 @@
 Data parallelism, one setting away from the plain loop, started by torchrun on one node or many:
 
     ddp   (the default) every rank holds the whole model; DistributedDataParallel averages the
-          gradients. About 16 bytes per parameter on every GPU: fp32 weights, gradients, AdamW's two moments.
+          gradients. About 16 bytes per parameter on every GPU: fp32 weights, gradients, AdamW's
+          two moments.
     fsdp  PyTorch's FSDP2 (fully_shard) on each block and on the root: each rank keeps 1/N of the
           weights, gradients and moments, and gathers one block's weights just before using them.
           On a GPU the gathered weights are bf16, and gradients are reduced in fp32.
@@ -40,7 +41,8 @@ class Cluster:
 def start(device_setting) -> Cluster:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK; absent for a plain `python`), pick
     the device, and join the process group: NCCL between GPUs, gloo between CPU processes."""
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device_setting == "auto" else device_setting
+    device_type = (("cuda" if torch.cuda.is_available() else "cpu") if device_setting == "auto"
+                   else device_setting)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
     if device.type == "cuda":
@@ -49,8 +51,10 @@ def start(device_setting) -> Cluster:
     if distributed:
         # While rank 0 writes an export (16 GB for an 8B model) the others wait in the next
         # collective; NCCL's default of 10 minutes can be too short.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
-    return Cluster(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device, distributed)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=60))
+    return Cluster(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device,
+                   distributed)
 
 
 def wrap(model, parallel, cluster, compile_model, bf16):
@@ -62,22 +66,25 @@ def wrap(model, parallel, cluster, compile_model, bf16):
                                       reduce_dtype=torch.float32 if gpu_bf16 else None)
         for block in model.layers:
             if compile_model:
-                block.compile()  # in place: the parameter names, and so the checkpoints, stay the same
+                # In place: the parameter names, and so the checkpoints, stay the same.
+                block.compile()
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)  # the root: embeddings, final norm and the tied head
         return model
     train_model = torch.compile(model) if compile_model else model
     if cluster.distributed:
         # Gradients as views into the all-reduce buckets: one copy of them per GPU instead of two.
-        train_model = DDP(train_model, device_ids=[cluster.device.index] if cluster.device.type == "cuda" else None,
+        train_model = DDP(train_model,
+                          device_ids=([cluster.device.index] if cluster.device.type == "cuda"
+                                      else None),
                           gradient_as_bucket_view=True)
     return train_model
 
 
 def reshard(model):
     """After forward passes outside training (evaluation, the entropy pass), put a sharded model's
-    root weights (embeddings, final norm, head) back into their shards: FSDP keeps the root's gathered
-    after a forward, expecting the backward pass that training would bring."""
+    root weights (embeddings, final norm, head) back into their shards: FSDP keeps the root's
+    gathered after a forward, expecting the backward pass that training would bring."""
     if isinstance(model, FSDPModule):
         model.reshard()
 
@@ -92,20 +99,22 @@ def set_gradient_sync(train_model, enabled):
 
 
 def gather_from_all_ranks(tensor, world_size):
-    """Every rank's tensor of the same shape, concatenated in rank order along the first dimension."""
+    """Every rank's tensor of the same shape, concatenated in rank order along the first
+    dimension."""
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(parts, tensor)
     return torch.cat(parts)
 
 
 def equal_share(n_items, rank, world_size, batch):
-    """This rank's batches when n_items are split across ranks: in every block of world_size * batch
-    items, rank r takes [r * batch, (r + 1) * batch). Every rank gets the same number of batches: one
-    whose share has run out is given the first batch again, marked not to be counted. (Under FSDP
-    each forward pass gathers weights from all ranks, so a rank that stopped early would leave the
-    others waiting for ever.) -> [(start, stop, counted)]"""
+    """This rank's batches when n_items are split across ranks: in every block of
+    world_size * batch items, rank r takes [r * batch, (r + 1) * batch). Every rank gets the same
+    number of batches: one whose share has run out is given the first batch again, marked not to
+    be counted. (Under FSDP each forward pass gathers weights from all ranks, so a rank that
+    stopped early would leave the others waiting for ever.) -> [(start, stop, counted)]"""
     shares = []
     for block in range(0, n_items, world_size * batch):
         start = block + rank * batch
-        shares.append((start, min(start + batch, n_items), True) if start < n_items else (0, min(batch, n_items), False))
+        shares.append((start, min(start + batch, n_items), True) if start < n_items
+                      else (0, min(batch, n_items), False))
     return shares

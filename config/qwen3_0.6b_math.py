@@ -25,7 +25,7 @@ gate_percentile = 0.5
 # read its best epoch off out/.../log.jsonl. The paper's Qwen3-0.6B baseline bottomed at epoch 25.
 curriculum_unit = "epoch"
 curriculum_midpoint = 25.0
-curriculum_sharpness = 0.2     # per epoch: the ceiling rises from 12% to 88% of gamma_max over 20 epochs
+curriculum_sharpness = 0.2     # per epoch: the ceiling rises 12% -> 88% of gamma_max in 20 epochs
 eval_interval = 50
 checkpoint_interval = 100
 log_interval = 1

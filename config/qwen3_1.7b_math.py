@@ -22,10 +22,11 @@ method = "entrodrop"
 gamma_max = 0.1
 gate_percentile = 0.5
 # j0 should sit where the baseline's validation loss turns (Sec. 3.3): run the baseline first and
-# read its best epoch off out/.../log.jsonl. Scaled from Qwen3-0.6B (best epoch 25 of 90) to 30 epochs.
+# read its best epoch off out/.../log.jsonl. Scaled from Qwen3-0.6B (best epoch 25 of 90) to 30
+# epochs.
 curriculum_unit = "epoch"
 curriculum_midpoint = 8.0
-curriculum_sharpness = 0.6     # per epoch: the ceiling rises from 12% to 88% of gamma_max over 7 epochs
+curriculum_sharpness = 0.6     # per epoch: the ceiling rises 12% -> 88% of gamma_max in 7 epochs
 eval_interval = 50
 checkpoint_interval = 100
 log_interval = 1

@@ -24,7 +24,8 @@ eval_interval = 5
 general_eval_windows = 8
 checkpoint_interval = 25
 log_interval = 1
-export_every = 2               # exports at epochs 2, 4, 6 and 7 (the final model), each scored for accuracy
+# Exports at epochs 2, 4, 6 and 7 (the final model), each scored for accuracy.
+export_every = 2
 # EntroDrop: gamma_max 0.4 and a 50% gate as in the miniature; j0 where the baseline's curve turns
 # (Sec. 3.3), read off its log; the ceiling then rises from 12% to 88% of gamma_max within the two
 # epochs around j0 (k = 2 per epoch), about as fast as the baseline degrades after its turn.
