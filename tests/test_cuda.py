@@ -17,7 +17,8 @@ from checkpoint import read_train_state
 from entropy import build_entropy_cache, cache_header, load_entropy_cache
 from model import ModelConfig, Transformer
 from test_model import TINY, hf_model
-from test_train import ROOT, args_for, records, run, workspace  # noqa: F401 (workspace: the shared fixture)
+# workspace: the shared fixture
+from test_train import ROOT, args_for, records, run, workspace  # noqa: F401
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -42,7 +43,8 @@ def step(model, idx, targets, fill_mask):
     model.zero_grad(set_to_none=True)
     _, loss = model(idx, targets, fill_mask=fill_mask)
     loss.backward()
-    return loss.item(), {name.removeprefix("_orig_mod."): p.grad.clone() for name, p in model.named_parameters()}
+    return loss.item(), {name.removeprefix("_orig_mod."): p.grad.clone()
+                         for name, p in model.named_parameters()}
 
 
 def test_compiled_training_step_on_cuda_is_one_graph_with_the_eager_gradients():
@@ -51,9 +53,11 @@ def test_compiled_training_step_on_cuda_is_one_graph_with_the_eager_gradients():
     idx, targets = torch.randint(0, 300, (2, 2, 40), device=CUDA).unbind(0)
     fill_mask = torch.rand(2, 40, device=CUDA) < 0.3
     explanation = torch._dynamo.explain(model)(idx, targets, fill_mask=fill_mask)
-    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), \
+        explanation.break_reasons
     eager_loss, eager_grads = step(model, idx, targets, fill_mask)
-    compiled_loss, compiled_grads = step(torch.compile(model), idx, targets, fill_mask)  # inductor, Triton kernels
+    # Inductor, Triton kernels.
+    compiled_loss, compiled_grads = step(torch.compile(model), idx, targets, fill_mask)
     assert abs(compiled_loss - eager_loss) <= 1e-5 * abs(eager_loss)
     for name, grad in eager_grads.items():
         assert torch.allclose(compiled_grads[name], grad, rtol=1e-4, atol=1e-6), name
@@ -63,7 +67,8 @@ def test_fused_adamw_matches_the_per_parameter_loop():
     torch.manual_seed(0)
     models = [Transformer(ModelConfig(**TINY)).to(CUDA) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, **kind)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95),
+                                    weight_decay=0.1, **kind)
                   for m, kind in zip(models, ({"fused": True}, {"foreach": False}))]
     idx, targets = torch.randint(0, 300, (2, 2, 40), device=CUDA).unbind(0)
     for _ in range(3):
@@ -71,19 +76,23 @@ def test_fused_adamw_matches_the_per_parameter_loop():
             optimizer.zero_grad(set_to_none=True)
             model(idx, targets)[1].backward()
             optimizer.step()
-    for (name, fused), (_, looped) in zip(models[0].named_parameters(), models[1].named_parameters()):
+    for (name, fused), (_, looped) in zip(models[0].named_parameters(),
+                                          models[1].named_parameters()):
         assert torch.allclose(fused, looped, rtol=1e-5, atol=1e-7), name
 
 
 def test_entropy_cache_on_cuda_matches_the_cpu_one(workspace, tmp_path):  # noqa: F811
-    """Stored as float16, whose step at 5 nats is 0.004: the fp32 GPU cache agrees with the CPU one to
-    within two such steps; under bf16 autocast (as train.py builds it on a GPU) to within 2% + 0.02."""
+    """Stored as float16, whose step at 5 nats is 0.004: the fp32 GPU cache agrees with the CPU one
+    to within two such steps; under bf16 autocast (as train.py builds it on a GPU) to within
+    2% + 0.02."""
     header = cache_header(workspace / "base", workspace / "math", 32)
     caches = {}
-    for name, device, autocast in (("cpu", "cpu", False), ("cuda", "cuda", False), ("cuda_bf16", "cuda", True)):
+    for name, device, autocast in (("cpu", "cpu", False), ("cuda", "cuda", False),
+                                   ("cuda_bf16", "cuda", True)):
         model = Transformer.from_pretrained(workspace / "base", device=device).eval()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            build_entropy_cache(model, workspace / "math", 32, tmp_path / f"{name}.safetensors", header, batch_size=8)
+            build_entropy_cache(model, workspace / "math", 32, tmp_path / f"{name}.safetensors",
+                                header, batch_size=8)
         caches[name] = load_entropy_cache(tmp_path / f"{name}.safetensors", header, "")
     for key, reference in caches["cpu"].items():
         scored = ~torch.isnan(reference)
@@ -94,12 +103,14 @@ def test_entropy_cache_on_cuda_matches_the_cpu_one(workspace, tmp_path):  # noqa
 
 
 def test_kill_and_resume_on_cuda_continues_the_run(workspace, tmp_path):  # noqa: F811
-    """bf16 autocast, as a GPU run trains. CUDA's atomic adds (the embedding's backward) do not fix the
-    order of a sum, so the two runs agree closely rather than bitwise."""
-    extra = dict(method="entrodrop", epochs=3.0, checkpoint_interval=40, eval_interval=20, device="cuda")
+    """bf16 autocast, as a GPU run trains. CUDA's atomic adds (the embedding's backward) do not fix
+    the order of a sum, so the two runs agree closely rather than bitwise."""
+    extra = dict(method="entrodrop", epochs=3.0, checkpoint_interval=40, eval_interval=20,
+                 device="cuda")
     run(args_for(workspace, tmp_path / "whole", **extra))
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, "train.py", *args_for(workspace, interrupted, **extra)], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "train.py",
+                                *args_for(workspace, interrupted, **extra)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log, deadline = interrupted / "log.jsonl", time.time() + 300
     while time.time() < deadline and not (log.exists() and len(records(interrupted, "train")) > 50):
@@ -112,11 +123,13 @@ def test_kill_and_resume_on_cuda_continues_the_run(workspace, tmp_path):  # noqa
         whole, resumed = records(tmp_path / "whole", kind), records(interrupted, kind)
         assert [r["step"] for r in whole] == [r["step"] for r in resumed]
         key = "train_loss" if kind == "train" else "val_loss"
-        assert max(abs(a[key] - b[key]) for a, b in zip(whole, resumed)) <= 2e-2 * max(r[key] for r in whole)
+        assert max(abs(a[key] - b[key]) for a, b in zip(whole, resumed)) <= \
+            2e-2 * max(r[key] for r in whole)
 
 
 def test_ddp_over_nccl_matches_one_process(workspace, tmp_path):  # noqa: F811
-    settings = dict(method="entrodrop", max_steps=24, eval_interval=8, device="cuda", dtype="float32")
+    settings = dict(method="entrodrop", max_steps=24, eval_interval=8, device="cuda",
+                    dtype="float32")
     run(args_for(workspace, tmp_path / "single", **settings))
     run(args_for(workspace, tmp_path / "ddp", **settings), torchrun=True, nproc=1)
     for kind, key in (("train", "train_loss"), ("eval", "val_loss")):
@@ -130,9 +143,11 @@ def test_fsdp_on_one_gpu_with_bf16_and_compile_follows_ddp(workspace, tmp_path):
     """FSDP's mixed precision (bf16 weights in forward and backward, fp32 gradient reduction) and a
     compiled block against DDP under bf16 autocast: the same run within bf16's precision; the tied
     head and embedding stay one parameter in the export."""
-    settings = dict(method="entrodrop", max_steps=24, eval_interval=8, device="cuda", dtype="bfloat16")
+    settings = dict(method="entrodrop", max_steps=24, eval_interval=8, device="cuda",
+                    dtype="bfloat16")
     run(args_for(workspace, tmp_path / "ddp", **settings), torchrun=True, nproc=1)
-    run(args_for(workspace, tmp_path / "fsdp", **settings, parallel="fsdp", compile=True), torchrun=True, nproc=1)
+    run(args_for(workspace, tmp_path / "fsdp", **settings, parallel="fsdp", compile=True),
+        torchrun=True, nproc=1)
     for kind, key in (("train", "train_loss"), ("eval", "val_loss")):
         for a, b in zip(records(tmp_path / "ddp", kind), records(tmp_path / "fsdp", kind)):
             assert abs(a[key] - b[key]) <= 0.02 * abs(a[key]), (a, b)

@@ -40,7 +40,8 @@ QWEN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 
 def write_jsonl(path, records):
     # Unescaped unicode, as most exporters write it: U+2028 and U+0085 then sit raw inside a line.
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
     return path
 
 
@@ -62,7 +63,8 @@ def split_documents(tokens, eos_id):
 
 
 def decoded(folder, split, tokenizer):
-    return [tokenizer.decode(ids) for ids in split_documents(tokens_of(folder, split), tokenizer.eos_id)]
+    return [tokenizer.decode(ids)
+            for ids in split_documents(tokens_of(folder, split), tokenizer.eos_id)]
 
 
 def files_in(folder):
@@ -71,8 +73,9 @@ def files_in(folder):
 
 def gsm8k_records(n):
     rng = random.Random(7)
-    pieces = ["Äpfel kosten", "naïve café", "李华有", "😀👍🏽 emoji", "Ελληνικά", "3.14159", "1,000,000", "½ cup",
-              "١٢٣", 'a "quoted" \\ backslash', "tab\there", "mentions <|endoftext|> in text",
+    pieces = ["Äpfel kosten", "naïve café", "李华有", "😀👍🏽 emoji",
+              "Ελληνικά", "3.14159", "1,000,000", "½ cup", "١٢٣",
+              'a "quoted" \\ backslash', "tab\there", "mentions <|endoftext|> in text",
               "line\u2028separator", "next\x85line", "crlf\r\nend", "  leading spaces", "Straße"]
     records = []
     for i in range(n):
@@ -113,7 +116,8 @@ def bpe_folder(tmp_path_factory):
         pre_tokenizers.Split(Regex(QWEN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=420,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>"], show_progress=False)
     hf.train_from_iterator([gsm8k_document(r) for r in gsm8k_records(60)] * 2, trainer=trainer)
     hf.save(str(folder / "tokenizer.json"))
@@ -145,20 +149,23 @@ def test_gsm8k_round_trip_and_meta(which, bpe_folder, tmp_path):
     assert meta["source"]["format"] == "gsm8k" and meta["source"]["seed"] == 3
     for split, docs in (("train", train), ("val", val)):
         tokens, counts = tokens_of(out, split), meta["splits"][split]
-        assert (out / f"{split}.bin").stat().st_size == 4 * counts["tokens"] == 4 * len(tokens)  # uint32
+        # uint32
+        assert (out / f"{split}.bin").stat().st_size == 4 * counts["tokens"] == 4 * len(tokens)
         assert counts["documents"] == len(docs) == int((tokens == tokenizer.eos_id).sum())
         assert counts["max_token_id"] == int(tokens.max()) < tokenizer.vocab_size
         assert counts["sha256"] == hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
     all_tokens = np.concatenate([tokens_of(out, "train"), tokens_of(out, "val")])
     if which == "bpe":
         assert all_tokens.max() > 255  # ids that no byte-wide format could hold
-        assert len(all_tokens) < 0.8 * sum(len(d.encode()) for d in documents)  # merges really apply
+        # Merges really apply.
+        assert len(all_tokens) < 0.8 * sum(len(d.encode()) for d in documents)
     load_meta(out, tokenizer, tokenizer.vocab_size)  # and the format's own checks accept it
 
 
 def test_val_split_is_decided_by_seed(tmp_path):
     source = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_records(40))
-    a, b, c = (run_prepare(source, tmp_path / name, "--format", "gsm8k", "--seed", seed, val_share="0.3")
+    a, b, c = (run_prepare(source, tmp_path / name, "--format", "gsm8k", "--seed", seed,
+                           val_share="0.3")
                for name, seed in (("a", "5"), ("b", "5"), ("c", "6")))
     for split in ("train", "val"):
         assert (a / f"{split}.bin").read_bytes() == (b / f"{split}.bin").read_bytes()
@@ -169,20 +176,26 @@ FORMATS = {
     "numina": ([{"problem": "Find x if 2x = 6.", "solution": "x = 3"},
                 {"messages": [{"role": "user", "content": "Solve x² = 4."},
                               {"role": "assistant", "content": "x = ±2"}]}],
-               ["Problem: Find x if 2x = 6.\nSolution: x = 3", "User: Solve x² = 4.\n\nAssistant: x = ±2"]),
+               ["Problem: Find x if 2x = 6.\nSolution: x = 3",
+                "User: Solve x² = 4.\n\nAssistant: x = ±2"]),
     "code": ([{"question": "Add?", "response": "def add(a, b):\n    return a + b"},
               {"problem": "Max of a list", "solution": "max(xs)"},
               {"prompt": "Print hi", "code": "print('hi')"},
               {"prompt": "Sum 1..n", "answer": "n * (n + 1) // 2"}],
-             ["Question: Add?\nAnswer: def add(a, b):\n    return a + b", "Question: Max of a list\nAnswer: max(xs)",
-              "Question: Print hi\nAnswer: print('hi')", "Question: Sum 1..n\nAnswer: n * (n + 1) // 2"]),
-    "instruct": ([{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi ☺"},
+             ["Question: Add?\nAnswer: def add(a, b):\n    return a + b",
+              "Question: Max of a list\nAnswer: max(xs)",
+              "Question: Print hi\nAnswer: print('hi')",
+              "Question: Sum 1..n\nAnswer: n * (n + 1) // 2"]),
+    "instruct": ([{"conversations": [{"from": "system", "value": "Be brief."},
+                                     {"from": "human", "value": "Hi ☺"},
                                      {"from": "gpt", "value": "Hello."}]},
-                  {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+                  {"messages": [{"role": "user", "content": "2 + 2?"},
+                                {"role": "assistant", "content": "4"},
                                 {"role": "user", "content": "And 3 + 3?"}]}],
                  ["System: Be brief.\n\nUser: Hi ☺\n\nAssistant: Hello.",
                   "User: 2 + 2?\n\nAssistant: 4\n\nUser: And 3 + 3?"]),
-    "text": ([{"text": "Plain text,\nwith ünïcode and 12345."}, {"text": "second", "meta": {"x": 1}}],
+    "text": ([{"text": "Plain text,\nwith ünïcode and 12345."},
+              {"text": "second", "meta": {"x": 1}}],
              ["Plain text,\nwith ünïcode and 12345.", "second"]),
 }
 
@@ -190,7 +203,8 @@ FORMATS = {
 @pytest.mark.parametrize("fmt", [*FORMATS, "template"])
 def test_each_format_renders_as_documented(fmt, tmp_path):
     if fmt == "template":
-        records = [{"title": "Über", "body": "Line one\nline two", "n": 7}, {"title": "T2", "body": "", "n": 0}]
+        records = [{"title": "Über", "body": "Line one\nline two", "n": 7},
+                   {"title": "T2", "body": "", "n": 0}]
         expected = ["Über (7)\nLine one\nline two", "T2 (0)\n"]
         args = ["--template", "{title} ({n})\n{body}"]
     else:
@@ -199,7 +213,8 @@ def test_each_format_renders_as_documented(fmt, tmp_path):
     out = run_prepare(source, tmp_path / "out", *args)
     assert decoded(out, "train", BYTE) == expected
     assert (out / "val.bin").stat().st_size == 0
-    assert read_windows(out, "val", SEQ_LEN).shape == (0, SEQ_LEN + 1)  # an empty split has no windows
+    # An empty split has no windows.
+    assert read_windows(out, "val", SEQ_LEN).shape == (0, SEQ_LEN + 1)
 
 
 # ---------------------------------------------------------------------------
@@ -211,7 +226,8 @@ GOOD = {"question": "q", "answer": "a"}
 
 def lines_file(tmp_path, *lines, name="bad.jsonl"):
     path = tmp_path / name
-    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n"
+                              for line in lines))
     return path
 
 
@@ -223,7 +239,8 @@ BAD_INPUTS = {  # lines of the file, extra arguments, what the message must say
     "not an object": ([json.dumps(GOOD), "[1, 2]"], [], ["line 2", "list"]),
     "template field": ([json.dumps({"title": "t", "body": "b"}), json.dumps({"title": "t"})],
                        ["--template", "{title}: {body}"], ["line 2", "'body'", "--template"]),
-    "bad UTF-8": ([json.dumps(GOOD), b'{"question": "caf\xe9", "answer": "a"}'], [], ["line 2", "UTF-8"]),
+    "bad UTF-8": ([json.dumps(GOOD), b'{"question": "caf\xe9", "answer": "a"}'], [],
+                  ["line 2", "UTF-8"]),
     "only blank lines": (["", "  ", ""], [], ["blank lines"]),
 }
 
@@ -253,8 +270,8 @@ def test_missing_and_empty_input(tmp_path):
 
 def test_failed_prepare_keeps_an_earlier_dataset_whole(tmp_path):
     out = tmp_path / "out"
-    first = run_prepare(write_jsonl(tmp_path / "a.jsonl", gsm8k_records(12)), out, "--format", "gsm8k",
-                        val_share="0.3")
+    first = run_prepare(write_jsonl(tmp_path / "a.jsonl", gsm8k_records(12)), out,
+                        "--format", "gsm8k", val_share="0.3")
     before = {name: (out / name).read_bytes() for name in files_in(out)}
     bad = lines_file(tmp_path, *[json.dumps(GOOD)] * 30, "{broken")
     with pytest.raises(ValueError, match="line 31"):
@@ -263,14 +280,16 @@ def test_failed_prepare_keeps_an_earlier_dataset_whole(tmp_path):
     assert {name: (out / name).read_bytes() for name in files_in(first)} == before
     meta = load_meta(out, BYTE, BYTE.vocab_size)
     for split in ("train", "val"):
-        assert meta["splits"][split]["sha256"] == hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
+        assert meta["splits"][split]["sha256"] == \
+            hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
 
     # A successful prepare replaces all of it, meta.json and tokens together.
     replacement = write_jsonl(tmp_path / "b.jsonl", [GOOD])
     run_prepare(replacement, out, "--format", "gsm8k")
     meta = load_meta(out)
     assert meta["source"]["sha256"] == hashlib.sha256(replacement.read_bytes()).hexdigest()
-    assert decoded(out, "train", BYTE) == ["Question: q\nAnswer: a"] and files_in(out) == sorted(before)
+    assert decoded(out, "train", BYTE) == ["Question: q\nAnswer: a"]
+    assert files_in(out) == sorted(before)
 
 
 # ---------------------------------------------------------------------------
@@ -306,16 +325,21 @@ def folders(tmp_path_factory):
     general_tokens = write_random_folder(root / "general", 8, 40, seed=1)  # 8 * 41 = 328 tokens
     target_windows = read_windows(root / "target", "train", SEQ_LEN)
     general_windows = read_windows(root / "general", "train", SEQ_LEN)
-    assert (len(target_tokens), len(target_windows), len(general_windows)) == (185, N_TARGET, N_GENERAL)
-    for i in range(N_TARGET):  # window i starts at token i * seq_len: written out independently here
-        assert target_windows[i].tolist() == target_tokens[i * SEQ_LEN:i * SEQ_LEN + SEQ_LEN + 1].tolist()
+    assert (len(target_tokens), len(target_windows), len(general_windows)) == \
+        (185, N_TARGET, N_GENERAL)
+    # Window i starts at token i * seq_len: written out independently here.
+    for i in range(N_TARGET):
+        assert target_windows[i].tolist() == \
+            target_tokens[i * SEQ_LEN:i * SEQ_LEN + SEQ_LEN + 1].tolist()
     general_lookup = {tuple(w): i for i, w in enumerate(general_windows.tolist())}
-    assert len(general_lookup) == N_GENERAL  # random windows are distinct, so a row names its window
+    # Random windows are distinct, so a row names its window.
+    assert len(general_lookup) == N_GENERAL
     return {"target": root / "target", "general": root / "general",
             "general_lookup": general_lookup, "general_tokens": general_tokens}
 
 
-def make_loader(folders, global_batch_size=10, micro_batch_size=None, target_ratio=0.6, seed=1, **kw):
+def make_loader(folders, global_batch_size=10, micro_batch_size=None, target_ratio=0.6, seed=1,
+                **kw):
     return MixtureLoader(folders["target"], folders["general"], SEQ_LEN, global_batch_size,
                          micro_batch_size or global_batch_size, target_ratio, seed, **kw)
 
@@ -326,8 +350,10 @@ def rows_of(batches, folders):
     rows = []
     for b in batches:
         windows = torch.cat([b.inputs, b.targets[:, -1:]], dim=1)
-        for window, is_target, index in zip(windows.tolist(), b.target_rows.tolist(), b.sample_index.tolist()):
-            rows.append((True, index) if is_target else (False, folders["general_lookup"][tuple(window)]))
+        for window, is_target, index in zip(windows.tolist(), b.target_rows.tolist(),
+                                            b.sample_index.tolist()):
+            rows.append((True, index) if is_target
+                        else (False, folders["general_lookup"][tuple(window)]))
     return rows
 
 
@@ -344,7 +370,8 @@ def general_stream(steps_rows):
 
 
 def same_batches(a, b):
-    return len(a) == len(b) and all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b) for f in FIELDS)
+    return len(a) == len(b) and all(torch.equal(getattr(x, f), getattr(y, f))
+                                    for x, y in zip(a, b) for f in FIELDS)
 
 
 def crosses_a_pass(start, stop, n):
@@ -354,7 +381,8 @@ def crosses_a_pass(start, stop, n):
 
 def test_every_target_window_once_per_epoch(folders):
     loader = make_loader(folders)  # 6 target rows a step
-    assert loader.n_target == N_TARGET and loader.steps_for_epochs(1) == 4 and loader.steps_for_epochs(3) == 12
+    assert loader.n_target == N_TARGET
+    assert loader.steps_for_epochs(1) == 4 and loader.steps_for_epochs(3) == 12
     seen = target_stream(run_steps(loader, loader.steps_for_epochs(3), folders))
     assert len(seen) == 72
     epochs = [seen[k * N_TARGET:(k + 1) * N_TARGET] for k in range(3)]
@@ -374,13 +402,16 @@ def test_epoch_counts_exactly(folders):
     assert loader.epoch < 1
     loader.next_batch()
     assert 1 <= loader.epoch < 1 + 6 / N_TARGET and loader.epoch == 24 / N_TARGET
-    for _ in range(loader.steps_for_epochs(6) - loader.step):  # 23 steps of 6 rows: exactly 6 passes
+    # 23 steps of 6 rows: exactly 6 passes.
+    for _ in range(loader.steps_for_epochs(6) - loader.step):
         loader.next_batch()
     assert loader.step == 23 and loader.epoch == 6.0
 
 
-@pytest.mark.parametrize("global_batch_size, target_ratio", [(10, 0.59), (7, 0.6), (16, 0.37), (12, 1.0)])
-def test_steps_for_epochs_is_the_first_step_count_that_suffices(folders, global_batch_size, target_ratio):
+@pytest.mark.parametrize("global_batch_size, target_ratio",
+                         [(10, 0.59), (7, 0.6), (16, 0.37), (12, 1.0)])
+def test_steps_for_epochs_is_the_first_step_count_that_suffices(folders, global_batch_size,
+                                                                 target_ratio):
     # Counted from the loader's own bookkeeping: the rows it really took, step by step.
     for epochs in (0.5, 1, 2.25, 3):
         loader = make_loader(folders, global_batch_size, target_ratio=target_ratio)
@@ -392,7 +423,8 @@ def test_steps_for_epochs_is_the_first_step_count_that_suffices(folders, global_
         assert loader.steps_for_epochs(epochs) == first, epochs
 
 
-@pytest.mark.parametrize("global_batch_size, target_ratio", [(10, 0.6), (16, 0.6), (7, 0.6), (7, 0.35)])
+@pytest.mark.parametrize("global_batch_size, target_ratio",
+                         [(10, 0.6), (16, 0.6), (7, 0.6), (7, 0.35)])
 def test_target_share_is_exact_and_never_drifts(folders, global_batch_size, target_ratio):
     loader = make_loader(folders, global_batch_size, target_ratio=target_ratio)
     per_step = Fraction(str(target_ratio)) * global_batch_size
@@ -416,7 +448,8 @@ def test_rows_are_the_windows_of_the_files(folders):
         batches = loader.next_batch()
         assert len(batches) == 2
         for b in batches:
-            assert b.inputs.shape == b.targets.shape == (5, SEQ_LEN) and b.inputs.dtype == torch.int64
+            assert b.inputs.shape == b.targets.shape == (5, SEQ_LEN)
+            assert b.inputs.dtype == torch.int64
             assert b.target_rows.dtype == torch.bool
             assert torch.equal(b.sample_index == -1, ~b.target_rows)
             assert torch.equal(b.inputs[:, 1:], b.targets[:, :-1])  # targets: inputs shifted by one
@@ -427,8 +460,10 @@ def test_rows_are_the_windows_of_the_files(folders):
                     assert b.inputs[row].tolist() == tokens[start:start + SEQ_LEN].tolist()
                     assert b.targets[row].tolist() == tokens[start + 1:start + SEQ_LEN + 1].tolist()
                 else:
-                    g = folders["general_lookup"][tuple(b.inputs[row].tolist() + b.targets[row, -1:].tolist())]
-                    assert b.inputs[row].tolist() == general[g * SEQ_LEN:g * SEQ_LEN + SEQ_LEN].tolist()
+                    g = folders["general_lookup"][tuple(b.inputs[row].tolist()
+                                                        + b.targets[row, -1:].tolist())]
+                    assert b.inputs[row].tolist() == \
+                        general[g * SEQ_LEN:g * SEQ_LEN + SEQ_LEN].tolist()
 
 
 def test_general_data_is_read_once_through_before_repeating(folders, capsys):
@@ -438,7 +473,8 @@ def test_general_data_is_read_once_through_before_repeating(folders, capsys):
     assert "exhausted" not in capsys.readouterr().err
     second_pass = general_stream(run_steps(loader, 10, folders))
     err = capsys.readouterr().err
-    assert err.count("note: general data") == 1 and str(folders["general"]) in err and "1 pass" in err
+    assert err.count("note: general data") == 1
+    assert str(folders["general"]) in err and "1 pass" in err
     assert sorted(second_pass) == list(range(N_GENERAL)) and second_pass != first_pass
     # Other ranks stay quiet: the note is printed once, not once per process.
     quiet = make_loader(folders, micro_batch_size=5, rank=1, world_size=2)
@@ -452,14 +488,16 @@ def test_ranks_and_micro_batches_split_one_global_batch(folders):
     ranks = [make_loader(folders, 12, micro_batch_size=3, rank=r, world_size=2) for r in (0, 1)]
     strict_steps = 0
     for step in range(12):
-        t0, t1 = math.floor(step * Fraction(36, 5)), math.floor((step + 1) * Fraction(36, 5))  # target rows so far
+        # Target rows so far.
+        t0, t1 = math.floor(step * Fraction(36, 5)), math.floor((step + 1) * Fraction(36, 5))
         whole = single.next_batch()
         rows = rows_of(whole, folders)
         pieces = small.next_batch()
         assert len(pieces) == 6 and rows_of(pieces, folders) == rows
         for piece in pieces:  # target rows are spread through the batch: each piece gets its share
             assert abs(int(piece.target_rows.sum()) - 2 * (t1 - t0) / 12) < 1, step
-        assert all(torch.equal(torch.cat([getattr(b, f) for b in pieces]), getattr(whole[0], f)) for f in FIELDS)
+        assert all(torch.equal(torch.cat([getattr(b, f) for b in pieces]), getattr(whole[0], f))
+                   for f in FIELDS)
         mine = [r.next_batch() for r in ranks]
         assert [len(m) for m in mine] == [2, 2]
         rank_rows = [rows_of(m, folders) for m in mine]
@@ -469,7 +507,8 @@ def test_ranks_and_micro_batches_split_one_global_batch(folders):
         assert same_batches([b for m in mine for b in m], halves)
         # 23 target windows are fewer than three steps' worth (3 x 8): too few to keep a step that
         # starts a new pass from holding a window twice, once from each pass. Elsewhere, never.
-        boundary = crosses_a_pass(t0, t1, N_TARGET) or crosses_a_pass(12 * step - t0, 12 * (step + 1) - t1, N_GENERAL)
+        boundary = (crosses_a_pass(t0, t1, N_TARGET)
+                    or crosses_a_pass(12 * step - t0, 12 * (step + 1) - t1, N_GENERAL))
         shared = set(rank_rows[0]) & set(rank_rows[1])
         if boundary:
             assert all(Counter(rows)[r] == 2 for r in shared), step
@@ -500,7 +539,8 @@ def test_resume_from_state_dict_gives_the_same_batches(folders):
     original = make_loader(folders, micro_batch_size=5)
     for _ in range(7):
         original.next_batch()
-    state = json.loads(json.dumps(original.state_dict()))  # plain numbers, as a checkpoint stores them
+    # Plain numbers, as a checkpoint stores them.
+    state = json.loads(json.dumps(original.state_dict()))
     fresh = make_loader(folders, micro_batch_size=5)
     used = make_loader(folders, micro_batch_size=5)
     for _ in range(15):  # a loader that has read further already, with later orders in hand
@@ -538,16 +578,19 @@ def test_loader_configuration_errors(folders, tmp_path):
 DEMO = {"seed": 0, "n_train": 10, "n_val": 5, "n_test": 5, "n_pool": 40}
 DEMO_FILES = ["general/meta.json", "general/train.bin", "general/val.bin", "general_base/meta.json",
               "general_base/train.bin", "general_base/val.bin", "math/meta.json", "math/test.jsonl",
-              "math/train.bin", "math/val.bin", "math_pool/meta.json", "math_pool/train.bin", "math_pool/val.bin"]
+              "math/train.bin", "math/val.bin", "math_pool/meta.json", "math_pool/train.bin",
+              "math_pool/val.bin"]
 
 
 def demo_snapshot(out):
-    return {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in DEMO_FILES}
+    return {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns)
+            for name in DEMO_FILES}
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo data, written once; what the tests read is taken now, before any test rewrites it."""
+    """The demo data, written once; what the tests read is taken now, before any test rewrites
+    it."""
     out = tmp_path_factory.mktemp("demo")
     write_demo_data(str(out), **DEMO)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
@@ -555,9 +598,10 @@ def demo(tmp_path_factory):
                  for folder in ("math", "math_pool") for split in ("train", "val")}
     metas = {folder: load_meta(out / folder, BYTE, BYTE.vocab_size)
              for folder in ("math", "math_pool", "general_base", "general")}
-    test_records = [json.loads(line) for line in (out / "math" / "test.jsonl").read_text().splitlines()]
-    return {"out": out, "files": files, "documents": documents, "metas": metas, "test": test_records,
-            "stamps": demo_snapshot(out)}
+    test_records = [json.loads(line)
+                    for line in (out / "math" / "test.jsonl").read_text().splitlines()]
+    return {"out": out, "files": files, "documents": documents, "metas": metas,
+            "test": test_records, "stamps": demo_snapshot(out)}
 
 
 def test_demo_data_holds_the_splits(demo):
@@ -565,7 +609,8 @@ def test_demo_data_holds_the_splits(demo):
     splits = make_splits(**DEMO)
     assert demo["documents"]["math", "train"] == [format_problem(p) for p in splits["train"]]
     assert demo["documents"]["math", "val"] == [format_problem(p) for p in splits["val"]]
-    assert demo["documents"]["math_pool", "train"] == [format_problem(p) for p in splits["pool"][2:]]
+    assert demo["documents"]["math_pool", "train"] == \
+        [format_problem(p) for p in splits["pool"][2:]]
     assert demo["documents"]["math_pool", "val"] == [format_problem(p) for p in splits["pool"][:2]]
     assert demo["test"] == [{"question": p.question, "answer": p.answer} for p in splits["test"]]
     for folder in ("general_base", "general"):

@@ -18,8 +18,9 @@ from model import ModelConfig, Transformer
 from schedule import gamma_max_at, learning_rate_at, turning_epoch
 
 NAN = float("nan")
-TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   max_position_embeddings=64)
 
 
 # ---- the gate (Eq. 2) ---------------------------------------------------------------------------
@@ -138,7 +139,8 @@ def masks_over_steps(gamma_max, targeting="low", steps=400, p=0.5):
     for step in range(steps):
         gamma = draw_gamma(SEED, step, gamma_max)
         gammas.append(gamma)
-        masks.append(token_dropout_mask(scores, target_rows, sample_index, SEED, step, gamma, targeting, p))
+        masks.append(token_dropout_mask(scores, target_rows, sample_index, SEED, step, gamma,
+                                        targeting, p))
     return torch.stack(masks).float(), torch.tensor(gammas, dtype=torch.float64)
 
 
@@ -147,7 +149,8 @@ def mean_and_standard_error(x):
 
 
 def test_draw_gamma_is_uniform_below_the_ceiling():
-    gammas = torch.tensor([draw_gamma(SEED, step, 0.3) for step in range(2000)], dtype=torch.float64)
+    gammas = torch.tensor([draw_gamma(SEED, step, 0.3) for step in range(2000)],
+                          dtype=torch.float64)
     assert 0.0 <= gammas.min() and gammas.max() < 0.3 and gammas.max() > 0.29
     mean, se = mean_and_standard_error(gammas)
     assert abs(mean - 0.15) <= 3 * se
@@ -165,7 +168,7 @@ def test_gated_tokens_of_target_rows_are_dropped_at_rate_expected_gamma():
     # Each gated token alone: Bernoulli(E[gamma_j]) across steps, the same for every position.
     per_token = masks[:, gated].mean(dim=0)
     assert (per_token - gamma_max / 2).abs().max() <= 5 * math.sqrt(0.2 * 0.8 / steps)
-    assert masks[:, ~gated].sum() == 0                  # ungated tokens of target rows, general rows
+    assert masks[:, ~gated].sum() == 0  # ungated tokens of target rows, general rows
     assert masks[:, ~target_rows].sum() == 0
 
 
@@ -181,14 +184,17 @@ def test_random_targeting_has_the_same_budget_as_low():
     chosen = torch.zeros_like(target_rows[:, None] & ~scores.isnan())
     for step in range(60):
         # gamma = 1 drops every eligible token (uniforms are < 1), so the mask is the eligible set.
-        eligible = token_dropout_mask(scores, target_rows, sample_index, SEED, step, 1.0, "random", 0.5)
+        eligible = token_dropout_mask(scores, target_rows, sample_index, SEED, step, 1.0,
+                                      "random", 0.5)
         assert torch.equal(eligible.sum(dim=1), low_counts)
         assert not (eligible & scores.isnan()).any()
         chosen |= eligible
-    assert torch.equal(chosen, target_rows[:, None] & ~scores.isnan())   # every scored token gets its turn
+    # Every scored token gets its turn.
+    assert torch.equal(chosen, target_rows[:, None] & ~scores.isnan())
     masks_random, _ = masks_over_steps(0.4, "random", steps=300)
     masks_low, _ = masks_over_steps(0.4, "low", steps=300)
-    difference = masks_random.sum(dim=(1, 2)) - masks_low.sum(dim=(1, 2))  # same gammas, step by step
+    # Same gammas, step by step.
+    difference = masks_random.sum(dim=(1, 2)) - masks_low.sum(dim=(1, 2))
     mean, se = mean_and_standard_error(difference)
     assert abs(mean) <= 3 * se
 
@@ -210,7 +216,8 @@ def test_row_mask_depends_only_on_seed_step_and_sample_index(targeting):
         assert torch.equal(part, whole[micro])
     assert whole[target_rows].any()
     later = token_dropout_mask(scores, target_rows, sample_index, SEED, 18, 0.5, targeting, 0.5)
-    other_seed = token_dropout_mask(scores, target_rows, sample_index, SEED + 1, 17, 0.5, targeting, 0.5)
+    other_seed = token_dropout_mask(scores, target_rows, sample_index, SEED + 1, 17, 0.5,
+                                    targeting, 0.5)
     assert not torch.equal(later, whole) and not torch.equal(other_seed, whole)
 
 
@@ -230,7 +237,8 @@ def pretrained(folder):
 def input_embeddings(model, idx, **kwargs):
     """What the first block receives from body(): the input embeddings after fill and noise."""
     seen = []
-    handle = model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    handle = model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().clone()))
     try:
         model.body(idx, **kwargs)
     finally:
@@ -284,9 +292,11 @@ def test_fill_embedding_is_a_frozen_buffer_never_exported(tmp_path):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    assert not torch.allclose(model.embed_tokens.weight.mean(dim=0), embedding.mean(dim=0), atol=1e-4)
+    assert not torch.allclose(model.embed_tokens.weight.mean(dim=0), embedding.mean(dim=0),
+                              atol=1e-4)
     assert torch.equal(model.fill_embedding, fill)
-    assert "fill_embedding" not in dict(model.named_parameters()) and not model.fill_embedding.requires_grad
+    assert "fill_embedding" not in dict(model.named_parameters())
+    assert not model.fill_embedding.requires_grad
     assert torch.equal(model.state_dict()["fill_embedding"], fill)  # kept in training checkpoints
     model.save_pretrained(tmp_path / "export")
     with safe_open(str(tmp_path / "export" / "model.safetensors"), framework="pt") as f:
@@ -321,7 +331,8 @@ def test_zero_fill_gives_zero_embeddings_at_masked_positions(tmp_path):
 # ---- NEFTune ------------------------------------------------------------------------------------
 
 def test_neftune_noise_is_bounded_per_row_and_zero_elsewhere():
-    sample_index, lengths, alpha, d = torch.tensor([3, -1, 7, 12]), torch.tensor([30, 30, 5, 13]), 5.0, 64
+    sample_index, lengths, alpha, d = (torch.tensor([3, -1, 7, 12]), torch.tensor([30, 30, 5, 13]),
+                                       5.0, 64)
     noise = neftune_noise((4, 30, d), sample_index, lengths, alpha, SEED, 9, "cpu")
     for r, (i, L) in enumerate(zip(sample_index.tolist(), lengths.tolist())):
         if i < 0:
@@ -343,15 +354,16 @@ def test_neftune_noise_depends_only_on_seed_step_and_sample_index():
     noise = neftune_noise((3, 16, 8), torch.tensor([4, -1, 2]), torch.tensor([16, 16, 16]), *args)
     reordered = neftune_noise((2, 16, 8), torch.tensor([2, 4]), torch.tensor([16, 16]), *args)
     assert torch.equal(reordered[0], noise[2]) and torch.equal(reordered[1], noise[0])
-    later = neftune_noise((3, 16, 8), torch.tensor([4, -1, 2]), torch.tensor([16, 16, 16]), 5.0, SEED, 10, "cpu")
+    later = neftune_noise((3, 16, 8), torch.tensor([4, -1, 2]), torch.tensor([16, 16, 16]), 5.0,
+                          SEED, 10, "cpu")
     assert not torch.equal(later, noise)
 
 
 def test_noise_enters_only_when_given(tmp_path):
     model = pretrained(tmp_path)
     idx, _, _ = idx_and_mask()
-    noise = neftune_noise((*idx.shape, TINY.hidden_size), torch.tensor([0, 1]), torch.tensor([24, 24]), 5.0,
-                          SEED, 0, "cpu")
+    noise = neftune_noise((*idx.shape, TINY.hidden_size), torch.tensor([0, 1]),
+                          torch.tensor([24, 24]), 5.0, SEED, 0, "cpu")
     torch.testing.assert_close(input_embeddings(model, idx, embedding_noise=noise),
                                model.embed_tokens.weight[idx] + noise)
     with torch.no_grad():
@@ -373,7 +385,8 @@ def test_gamma_max_curriculum_is_a_sigmoid_around_the_midpoint():
     assert gamma_max_at(1e300, gamma_max, k, j0) == gamma_max
     assert gamma_max_at(j0 - 1e4, gamma_max, 1e4, j0) == 0.0
     # Symmetric: the ceiling gained at j0 + x is what is missing at j0 - x.
-    assert gamma_max_at(j0 + 3, gamma_max, k, j0) + gamma_max_at(j0 - 3, gamma_max, k, j0) == pytest.approx(gamma_max)
+    assert gamma_max_at(j0 + 3, gamma_max, k, j0) + gamma_max_at(j0 - 3, gamma_max, k, j0) == \
+        pytest.approx(gamma_max)
 
 
 def test_constant_curriculum_holds_gamma_max():
@@ -386,10 +399,12 @@ def test_learning_rate_warmup_then_cosine_to_the_floor():
     warm = [learning_rate_at(s, peak, floor, warmup, max_steps) for s in range(warmup)]
     assert warm == pytest.approx([peak * (s + 1) / warmup for s in range(warmup)])
     assert warm[-1] == pytest.approx(peak)
-    decay = [learning_rate_at(s, peak, floor, warmup, max_steps) for s in range(warmup, max_steps + 1)]
+    decay = [learning_rate_at(s, peak, floor, warmup, max_steps)
+             for s in range(warmup, max_steps + 1)]
     assert decay[0] == pytest.approx(peak)
     assert all(a > b for a, b in zip(decay, decay[1:]))
-    assert learning_rate_at(warmup + 50, peak, floor, warmup, max_steps) == pytest.approx((peak + floor) / 2)
+    assert learning_rate_at(warmup + 50, peak, floor, warmup, max_steps) == \
+        pytest.approx((peak + floor) / 2)
     assert decay[-1] == pytest.approx(floor)
     assert learning_rate_at(max_steps + 40, peak, floor, warmup, max_steps) == pytest.approx(floor)
 
@@ -401,13 +416,14 @@ def test_learning_rate_is_constant_after_warmup_when_the_floor_is_the_peak():
 
 def test_turning_epoch_on_synthetic_curves():
     epochs = [float(e) for e in range(41)]
-    u_curve = [1.0 + 0.002 * (e - 9) ** 2 for e in epochs]                 # bottoms at epoch 9
+    u_curve = [1.0 + 0.002 * (e - 9) ** 2 for e in epochs]  # bottoms at epoch 9
     assert turning_epoch(epochs, u_curve) == 9.0
     rng = np.random.default_rng(0)
     noisy = [v + rng.normal(0, 0.004) for v in u_curve]
-    noisy[3] = noisy[9] - 0.02                                             # one lucky evaluation, early
+    noisy[3] = noisy[9] - 0.02                              # one lucky evaluation, early
     assert abs(turning_epoch(epochs, noisy) - 9) <= 1
-    assert int(np.argmin(noisy)) == 3                                      # what the raw minimum would say
-    assert turning_epoch(epochs, [2.0 - 0.01 * e for e in epochs]) == 40.0  # never turns: the last epoch
+    assert int(np.argmin(noisy)) == 3                       # what the raw minimum would say
+    # Never turns: the last epoch.
+    assert turning_epoch(epochs, [2.0 - 0.01 * e for e in epochs]) == 40.0
     half_epochs = [e / 2 for e in range(21)]
     assert turning_epoch(half_epochs, [abs(e - 4.5) for e in half_epochs]) == 4.5

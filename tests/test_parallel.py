@@ -1,6 +1,6 @@
-"""parallel.py and checkpoint.py under torchrun on the CPU (gloo): FSDP2 against DDP and one process,
-activation checkpointing, resume after SIGKILL and on another number of ranks, the export of a
-sharded model, and two "nodes" on one machine against one node."""
+"""parallel.py and checkpoint.py under torchrun on the CPU (gloo): FSDP2 against DDP and one
+process, activation checkpointing, resume after SIGKILL and on another number of ranks, the export
+of a sharded model, and two "nodes" on one machine against one node."""
 
 import json
 import os
@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from checkpoint import read_train_state
 from parallel import equal_share
-from test_train import ROOT, args_for, records, run, workspace  # noqa: F401 (workspace: the shared fixture)
+# workspace: the shared fixture
+from test_train import ROOT, args_for, records, run, workspace  # noqa: F401
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -34,8 +35,10 @@ def close(a, b, tolerance=1e-5):
 def test_equal_share_gives_every_rank_as_many_batches():
     for n, world, batch in ((10, 2, 3), (7, 3, 2), (1, 2, 4), (12, 2, 3)):
         shares = [equal_share(n, rank, world, batch) for rank in range(world)]
-        assert len({len(s) for s in shares}) == 1  # the same number of forward passes on every rank
-        counted = sorted(i for s in shares for start, stop, real in s if real for i in range(start, stop))
+        # The same number of forward passes on every rank.
+        assert len({len(s) for s in shares}) == 1
+        counted = sorted(i for s in shares for start, stop, real in s if real
+                         for i in range(start, stop))
         assert counted == list(range(n))           # every item once
     assert equal_share(0, 0, 2, 4) == []
 
@@ -45,41 +48,49 @@ def test_fsdp_ddp_and_one_process_give_the_same_losses(workspace, tmp_path, meth
     # 9 validation windows of micro-batches of 2 over 2 ranks: uneven shares in every evaluation.
     settings = dict(method=method, max_steps=16, eval_interval=8, accuracy_samples=3)
     problems = tmp_path / "problems.jsonl"
-    problems.write_text("".join(json.dumps({"question": f"{a} + 1?", "answer": a + 1}) + "\n" for a in range(3)))
+    problems.write_text("".join(json.dumps({"question": f"{a} + 1?", "answer": a + 1}) + "\n"
+                                for a in range(3)))
     settings["accuracy_problems"] = problems
-    caches = {name: tmp_path / f"entropy_{name}.safetensors" for name in ("one", "fsdp")}  # built by each run
+    # Built by each run.
+    caches = {name: tmp_path / f"entropy_{name}.safetensors" for name in ("one", "fsdp")}
     run(args_for(workspace, tmp_path / "one", **settings, entropy_cache=caches["one"]))
     run(args_for(workspace, tmp_path / "ddp", **settings), torchrun=True)
-    run(args_for(workspace, tmp_path / "fsdp", **settings, parallel="fsdp", entropy_cache=caches["fsdp"]), torchrun=True)
+    run(args_for(workspace, tmp_path / "fsdp", **settings, parallel="fsdp",
+                 entropy_cache=caches["fsdp"]), torchrun=True)
     one, sharded = (load_file(caches[name]) for name in ("one", "fsdp"))
-    for key in one:  # the entropy pass through the sharded model, its windows split unevenly over 2 ranks
+    # The entropy pass through the sharded model, its windows split unevenly over 2 ranks.
+    for key in one:
         assert torch.allclose(one[key], sharded[key], equal_nan=True, atol=1e-3), key
     for other in ("ddp", "fsdp"):
         assert close(losses(tmp_path / "one"), losses(tmp_path / other)), other
-        assert close(losses(tmp_path / "one", "eval", "val_loss"), losses(tmp_path / other, "eval", "val_loss"))
-        assert losses(tmp_path / "one", "eval", "accuracy") == losses(tmp_path / other, "eval", "accuracy")
+        assert close(losses(tmp_path / "one", "eval", "val_loss"),
+                     losses(tmp_path / other, "eval", "val_loss"))
+        assert losses(tmp_path / "one", "eval", "accuracy") == \
+            losses(tmp_path / other, "eval", "accuracy")
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(workspace, tmp_path):
     settings = dict(method="entrodrop", max_steps=8, eval_interval=4)
     run(args_for(workspace, tmp_path / "plain", **settings))
     run(args_for(workspace, tmp_path / "recomputed", **settings, activation_checkpointing=True))
-    run(args_for(workspace, tmp_path / "fsdp", **settings, activation_checkpointing=True, parallel="fsdp"),
-        torchrun=True)
+    run(args_for(workspace, tmp_path / "fsdp", **settings, activation_checkpointing=True,
+                 parallel="fsdp"), torchrun=True)
     assert close(losses(tmp_path / "plain"), losses(tmp_path / "recomputed"), 1e-6)
     assert close(losses(tmp_path / "plain"), losses(tmp_path / "fsdp"))
 
 
 def launch(args, nproc):
     """torchrun in the background; its workers are found later by their out_dir."""
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                             "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", "train.py", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
 
 
 def kill_after_checkpoint(out, launcher, step):
     """SIGKILL a torchrun job, launcher and workers, once its log is past `step`."""
     deadline = time.time() + 180
-    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(records(out, "train")) > step):
+    while time.time() < deadline and not ((out / "log.jsonl").exists()
+                                          and len(records(out, "train")) > step):
         time.sleep(0.01)
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
@@ -88,32 +99,39 @@ def kill_after_checkpoint(out, launcher, step):
 
 
 def test_fsdp_resume_after_sigkill_gives_the_same_logs(workspace, tmp_path):
-    settings = dict(method="entrodrop", max_steps=30, eval_interval=10, checkpoint_interval=12, parallel="fsdp")
+    settings = dict(method="entrodrop", max_steps=30, eval_interval=10, checkpoint_interval=12,
+                    parallel="fsdp")
     run(args_for(workspace, tmp_path / "whole", **settings), torchrun=True)
     out = tmp_path / "killed"
     kill_after_checkpoint(out, launch(args_for(workspace, out, **settings), 2), 14)
     assert read_train_state(out / "ckpt")["loader"]["step"] == 12
     resumed = run(args_for(workspace, out, **settings, resume=True), torchrun=True)
     assert "resuming from" in resumed.stdout
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in rs]  # noqa: E731
+    strip = lambda rs: [  # noqa: E731
+        {k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in rs]
     for kind in ("train", "eval"):
         assert strip(records(tmp_path / "whole", kind)) == strip(records(out, kind)), kind
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_resume_on_another_number_of_ranks_continues_the_run(workspace, tmp_path, parallel, before, after):
-    """The global batch stays the same, so the trajectory continues; the rows, masks and gamma_j are
-    keyed by window and step, not by rank. (Hidden dropout's draws are keyed by rank: with other ranks,
-    other draws, so that method could not continue exactly.)"""
-    settings = dict(method="entrodrop", max_steps=30, eval_interval=10, checkpoint_interval=12, parallel=parallel)
-    torchrun = lambda n: parallel == "fsdp" or n > 1  # noqa: E731  (FSDP always starts under torchrun)
-    run(args_for(workspace, tmp_path / "whole", **settings), torchrun=torchrun(before), nproc=before)
+def test_resume_on_another_number_of_ranks_continues_the_run(workspace, tmp_path, parallel, before,
+                                                             after):
+    """The global batch stays the same, so the trajectory continues; the rows, masks and gamma_j
+    are keyed by window and step, not by rank. (Hidden dropout's draws are keyed by rank: with
+    other ranks, other draws, so that method could not continue exactly.)"""
+    settings = dict(method="entrodrop", max_steps=30, eval_interval=10, checkpoint_interval=12,
+                    parallel=parallel)
+    # FSDP always starts under torchrun.
+    torchrun = lambda n: parallel == "fsdp" or n > 1  # noqa: E731
+    run(args_for(workspace, tmp_path / "whole", **settings), torchrun=torchrun(before),
+        nproc=before)
     out = tmp_path / "moved"
     if torchrun(before):
         kill_after_checkpoint(out, launch(args_for(workspace, out, **settings), before), 14)
     else:
-        process = subprocess.Popen([sys.executable, "train.py", *args_for(workspace, out, **settings)], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "train.py",
+                                    *args_for(workspace, out, **settings)], cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         kill_after_checkpoint(out, process, 14)
     assert read_train_state(out / "ckpt")["loader"]["step"] == 12
@@ -145,10 +163,13 @@ def test_two_nodes_on_localhost_equal_one_node(workspace, tmp_path):
     settings = dict(method="entrodrop", max_steps=12, eval_interval=6)
     run(args_for(workspace, tmp_path / "one_node", **settings), torchrun=True)
     port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-                               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                               "--rdzv_id=two_nodes", "train.py", *args_for(workspace, tmp_path / "two_nodes", **settings)],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                               f"--node_rank={rank}", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes",
+                               "train.py",
+                               *args_for(workspace, tmp_path / "two_nodes", **settings)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=ENV)
              for rank in (0, 1)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]

@@ -20,20 +20,24 @@ import train
 from checkpoint import read_train_state, write_durably
 from data.loader import load_meta, read_windows
 from model import replace_durably
-from test_train import ROOT, args_for, records, run, workspace  # noqa: F401 (workspace: the shared fixture)
+# workspace: the shared fixture
+from test_train import ROOT, args_for, records, run, workspace  # noqa: F401
 
 
 def start(args):
-    # A shell's background job ignores SIGINT, and so would a child of it: Ctrl-C is made to count again.
+    # A shell's background job ignores SIGINT, and so would a child of it: Ctrl-C is made to
+    # count again.
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_step(out_dir, step, process, timeout=120):
     log, deadline = Path(out_dir) / "log.jsonl", time.time() + timeout
     while time.time() < deadline and process.poll() is None:
-        if log.exists() and any(r.get("step", 0) >= step for r in map(json.loads, log.read_text().splitlines()[:-1])):
+        if log.exists() and any(r.get("step", 0) >= step
+                                for r in map(json.loads, log.read_text().splitlines()[:-1])):
             return
         time.sleep(0.01)
     raise AssertionError(f"{out_dir} never reached step {step}")
@@ -45,32 +49,38 @@ def strip_timing(rows):
 
 # ---- 1. one run per folder --------------------------------------------------------------------
 
-def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_is_untouched(workspace, tmp_path):
+def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_is_untouched(workspace,
+                                                                                        tmp_path):
     settings = dict(method="baseline", max_steps=150, eval_interval=50)
     run(args_for(workspace, tmp_path / "alone", **settings))
     first = start(args_for(workspace, tmp_path / "shared", **settings))
     wait_for_step(tmp_path / "shared", 2, first)
     began = time.time()
-    with pytest.raises(ValueError, match=rf"out_dir={re.escape(str(tmp_path / 'shared'))} is in use by pid "
-                                         rf"{first.pid} on .* since .*: train.py"):
-        train.main(args_for(workspace, tmp_path / "shared", **settings, learning_rate=1e-3, min_lr=1e-3))
+    with pytest.raises(ValueError, match=rf"out_dir={re.escape(str(tmp_path / 'shared'))} is in "
+                                         rf"use by pid {first.pid} on .* since .*: train.py"):
+        train.main(args_for(workspace, tmp_path / "shared", **settings, learning_rate=1e-3,
+                            min_lr=1e-3))
     assert time.time() - began < 1.0  # at once: before anything is loaded
     first.communicate()
     assert first.returncode == 0
     for kind in ("config", "train", "eval"):
         alone, shared = records(tmp_path / "alone", kind), records(tmp_path / "shared", kind)
         if kind == "config":
-            alone, shared = [{**r, "out_dir": None} for r in alone], [{**r, "out_dir": None} for r in shared]
+            alone, shared = ([{**r, "out_dir": None} for r in alone],
+                             [{**r, "out_dir": None} for r in shared])
         assert strip_timing(alone) == strip_timing(shared), kind
-    again = run(args_for(workspace, tmp_path / "shared", **settings))  # the lock went with the process
+    # The lock went with the process.
+    again = run(args_for(workspace, tmp_path / "shared", **settings))
     assert "already holds this finished run" in again.stdout
 
 
 def test_orphaned_workers_of_a_killed_torchrun_cannot_race_a_resume(workspace, tmp_path):
     out = tmp_path / "orphans"
-    args = args_for(workspace, out, method="baseline", max_steps=10**6, eval_interval=0, checkpoint_interval=5)
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    args = args_for(workspace, out, method="baseline", max_steps=10**6, eval_interval=0,
+                    checkpoint_interval=5)
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", "train.py", *args], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         wait_for_step(out, 6, launcher)
@@ -94,37 +104,42 @@ def test_every_numeric_setting_has_a_range():
 
 
 @pytest.mark.parametrize("key, value, interval", [
-    ("max_steps", -3, "[0, inf)"), ("global_batch_size", -4, "[1, inf)"), ("global_batch_size", 0, "[1, inf)"),
-    ("micro_batch_size", 0, "[1, inf)"), ("seq_len", 0, "[1, inf)"), ("checkpoint_interval", 0, "[1, inf)"),
+    ("max_steps", -3, "[0, inf)"), ("global_batch_size", -4, "[1, inf)"),
+    ("global_batch_size", 0, "[1, inf)"), ("micro_batch_size", 0, "[1, inf)"),
+    ("seq_len", 0, "[1, inf)"), ("checkpoint_interval", 0, "[1, inf)"),
     ("log_interval", 0, "[1, inf)"), ("learning_rate", 0.0, "(0, inf)"), ("beta2", 1.0, "[0, 1)"),
-    ("dropout", 1.0, "[0, 1)"), ("epochs", float("nan"), "[0, inf)"), ("curriculum_midpoint", float("inf"), "(-inf, inf)"),
+    ("dropout", 1.0, "[0, 1)"), ("epochs", float("nan"), "[0, inf)"),
+    ("curriculum_midpoint", float("inf"), "(-inf, inf)"),
     ("seed", -1, "[0, 1e18]"), ("export_every", -1, "[0, inf)"), ("gamma_max", 1.5, "[0, 1]"),
 ])
 def test_out_of_range_values_are_refused_by_name(key, value, interval):
     config = dataclasses.replace(train.Config(), **{key: value})
-    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} is out of range: it must lie in {interval}")):
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} is out of range: it must "
+                                                   f"lie in {interval}")):
         train.validate(config, world_size=1)
 
 
 def accepted_values(key, interval):
-    """The ends of an interval (or as near as an open end allows), as validate() must accept them."""
+    """The ends of an interval (or as near as an open end allows), as validate() must accept
+    them."""
     low, high = (float(b) for b in interval[1:-1].split(","))
     whole = isinstance(getattr(train.Config(), key), int)
     nudge = 1 if whole else 1e-6
     lowest = -1e6 if not np.isfinite(low) else low if interval[0] == "[" else low + nudge
-    highest = lowest + 1e6 if not np.isfinite(high) else high if interval[-1] == "]" else high - nudge
+    highest = (lowest + 1e6 if not np.isfinite(high) else high if interval[-1] == "]"
+               else high - nudge)
     return [int(v) if whole else v for v in (lowest, highest)]
 
 
 def runnable(key, value, tmp_path):
-    """Settings that put `key` at `value` in a run of a few steps: knobs go with the method that owns
-    them, and settings that only make a run longer or bigger (the step count, batch and window sizes)
-    are capped, since a huge value there is slow but not wrong."""
-    settings = {**dict(method="baseline", max_steps=3, eval_interval=2, global_batch_size=4, micro_batch_size=2,
-                       seq_len=16), key: value}
-    owners = {"weight_decay": "weight_decay", "dropout": "hidden_dropout", "neftune_alpha": "neftune",
-              "gamma_max": "entrodrop", "gate_percentile": "entrodrop", "curriculum_sharpness": "entrodrop",
-              "curriculum_midpoint": "entrodrop"}
+    """Settings that put `key` at `value` in a run of a few steps: knobs go with the method that
+    owns them, and settings that only make a run longer or bigger (the step count, batch and window
+    sizes) are capped, since a huge value there is slow but not wrong."""
+    settings = {**dict(method="baseline", max_steps=3, eval_interval=2, global_batch_size=4,
+                       micro_batch_size=2, seq_len=16), key: value}
+    owners = {"weight_decay": "weight_decay", "dropout": "hidden_dropout",
+              "neftune_alpha": "neftune", "gamma_max": "entrodrop", "gate_percentile": "entrodrop",
+              "curriculum_sharpness": "entrodrop", "curriculum_midpoint": "entrodrop"}
     if key in owners and value > 0 or key in ("curriculum_sharpness", "curriculum_midpoint"):
         settings["method"] = owners[key]
     if key == "max_steps":
@@ -148,8 +163,9 @@ def runnable(key, value, tmp_path):
 
 @pytest.mark.parametrize("key", NUMERIC)
 def test_no_accepted_value_crashes_later_or_loops_forever(key, workspace, tmp_path):
-    """Every numeric setting at both ends of its range trains and stops; the only stop allowed short of
-    the end is the deliberate one of a loss that is no longer finite (a learning rate of 1e6)."""
+    """Every numeric setting at both ends of its range trains and stops; the only stop allowed
+    short of the end is the deliberate one of a loss that is no longer finite (a learning rate of
+    1e6)."""
     for i, value in enumerate(accepted_values(key, train.NUMBER_RANGES[key])):
         settings = runnable(key, value, tmp_path)
         train.validate(dataclasses.replace(train.Config(), **settings), world_size=1)
@@ -175,22 +191,26 @@ def copy_folder(source, target):
     return target
 
 
-@pytest.mark.parametrize("cut", [4 * 100, 3])  # a truncated file, and one whose size is no whole token
+# A truncated file, and one whose size is no whole token.
+@pytest.mark.parametrize("cut", [4 * 100, 3])
 def test_truncated_data_is_refused_at_load_naming_the_file(workspace, tmp_path, cut):
     data = copy_folder(workspace / "math", tmp_path / "math")
     content = (data / "train.bin").read_bytes()
     (data / "train.bin").write_bytes(content[:-cut])
-    with pytest.raises(ValueError, match=re.escape(str(data / "train.bin")) + ": meta.json records .* tokens"):
+    with pytest.raises(ValueError,
+                       match=re.escape(str(data / "train.bin")) + ": meta.json records .* tokens"):
         train.main(args_for(workspace, tmp_path / "run", target_data=data))
 
 
 def test_changed_data_of_the_same_size_does_not_reuse_a_stale_entropy_cache(workspace, tmp_path):
     data = copy_folder(workspace / "math", tmp_path / "math")
-    train.main(args_for(workspace, tmp_path / "first", target_data=data, max_steps=1))  # builds the cache
+    # Builds the cache.
+    train.main(args_for(workspace, tmp_path / "first", target_data=data, max_steps=1))
     tokens = np.fromfile(data / "train.bin", dtype=np.uint32)
     tokens[10:20] = tokens[30:40]  # other text, same size, same ids in range
     tokens.tofile(data / "train.bin")
-    with pytest.raises(ValueError, match=re.escape(str(data / "train.bin")) + " does not match the sha256"):
+    with pytest.raises(ValueError,
+                       match=re.escape(str(data / "train.bin")) + " does not match the sha256"):
         train.main(args_for(workspace, tmp_path / "second", target_data=data, max_steps=1))
 
 
@@ -201,11 +221,13 @@ def test_token_ids_beyond_the_vocabulary_name_the_file(workspace, tmp_path):
         tokens = np.fromfile(data / f"{split}.bin", dtype=np.uint32)
         tokens[40] = 300  # the model has 257 rows
         tokens.tofile(data / f"{split}.bin")
-    with pytest.raises(ValueError, match=re.escape(str(data / "val.bin")) + " holds token id 300 in window 1, but "
-                                         "the model's vocabulary has 257 rows"):
+    with pytest.raises(ValueError, match=re.escape(str(data / "val.bin")) + " holds token id 300 "
+                                         "in window 1, but the model's vocabulary has 257 rows"):
         train.main(args_for(workspace, tmp_path / "run", target_data=data))
-    with pytest.raises(ValueError, match=re.escape(str(data / "train.bin")) + " holds token id 300 in window 1"):
-        read_windows(data, "train", 32, [0, 1, 2], vocab_size=257)  # as the loader reads every training window
+    with pytest.raises(ValueError, match=re.escape(str(data / "train.bin")) + " holds token id 300 "
+                                         "in window 1"):
+        # As the loader reads every training window.
+        read_windows(data, "train", 32, [0, 1, 2], vocab_size=257)
 
 
 def test_empty_general_validation_split_is_named(workspace, tmp_path):
@@ -214,10 +236,11 @@ def test_empty_general_validation_split_is_named(workspace, tmp_path):
     meta["splits"]["val"].update(tokens=0, documents=0)
     (data / "meta.json").write_text(json.dumps(meta))
     (data / "val.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match=re.escape(str(data)) + "/val.bin is shorter than one window .* "
-                                         "general_eval_windows=0"):
+    with pytest.raises(ValueError, match=re.escape(str(data)) + "/val.bin is shorter than one "
+                                         "window .* general_eval_windows=0"):
         train.main(args_for(workspace, tmp_path / "run", general_data=data))
-    train.main(args_for(workspace, tmp_path / "run", general_data=data, general_eval_windows=0, max_steps=1))
+    train.main(args_for(workspace, tmp_path / "run", general_data=data, general_eval_windows=0,
+                        max_steps=1))
     assert records(tmp_path / "run", "eval")[0]["general_val_loss"] is None
 
 
@@ -226,7 +249,8 @@ def test_empty_general_validation_split_is_named(workspace, tmp_path):
 def test_invalid_meta_json_names_its_path(workspace, tmp_path):
     data = copy_folder(workspace / "math", tmp_path / "math")
     (data / "meta.json").write_text('{"format": "entrodrop-tokens-v1", "spl')
-    with pytest.raises(ValueError, match=re.escape(str(data / "meta.json")) + " is not a valid meta.json"):
+    with pytest.raises(ValueError,
+                       match=re.escape(str(data / "meta.json")) + " is not a valid meta.json"):
         load_meta(data)
 
 
@@ -235,7 +259,8 @@ def test_unreadable_entropy_cache_and_empty_checkpoint(workspace, tmp_path):
     train.main(args_for(workspace, tmp_path / "first", target_data=data, max_steps=1))
     cache = next(data.glob("entropy_*.safetensors"))
     cache.write_bytes(cache.read_bytes()[:100])
-    with pytest.raises(ValueError, match=f"entropy cache {re.escape(str(cache))} is unreadable .* delete it"):
+    with pytest.raises(ValueError,
+                       match=f"entropy cache {re.escape(str(cache))} is unreadable .* delete it"):
         train.main(args_for(workspace, tmp_path / "second", target_data=data, max_steps=1))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "ckpt").mkdir(parents=True)
@@ -246,38 +271,44 @@ def test_unreadable_entropy_cache_and_empty_checkpoint(workspace, tmp_path):
 
 def test_out_dir_that_cannot_be_used_is_named_before_the_model_loads(workspace, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
-    result = run(args_for(workspace, tmp_path / "a_file", init_from=tmp_path / "no_such_model"), check=False)
+    result = run(args_for(workspace, tmp_path / "a_file", init_from=tmp_path / "no_such_model"),
+                 check=False)
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: out_dir={tmp_path / 'a_file'} cannot be used (File exists); choose a "
-                                     "folder that can be written")
+    assert result.stderr.strip() == (f"error: out_dir={tmp_path / 'a_file'} cannot be used "
+                                     "(File exists); choose a folder that can be written")
 
 
 def test_prepare_names_a_field_of_the_wrong_type_and_a_template_path_that_is_not_there(tmp_path):
     records_file = tmp_path / "in.jsonl"
-    records_file.write_text(json.dumps({"question": "How many?", "answer": 42, "tags": ["a"]}) + "\n")
+    records_file.write_text(json.dumps({"question": "How many?", "answer": 42,
+                                        "tags": ["a"]}) + "\n")
 
     def prepare(*extra):
-        return subprocess.run([sys.executable, "data/prepare.py", "--input", str(records_file), "--tokenizer", "byte",
-                               "--out", str(tmp_path / "out"), *extra], cwd=ROOT, capture_output=True, text=True)
+        return subprocess.run([sys.executable, "data/prepare.py", "--input", str(records_file),
+                               "--tokenizer", "byte", "--out", str(tmp_path / "out"), *extra],
+                              cwd=ROOT, capture_output=True, text=True)
     assert prepare("--format", "gsm8k").returncode == 0  # a numeric answer is written out as text
     assert load_meta(tmp_path / "out")["splits"]["train"]["documents"] == 1
     records_file.write_text(json.dumps({"question": "How many?", "answer": ["42"]}) + "\n")
     result = prepare("--format", "gsm8k")
-    assert result.stderr.strip().splitlines()[-1] == (f"error: {records_file}, line 1: field 'answer' is a list, but format 'gsm8k' "
-                                     "reads text or a number from it; give --template to say how to write the record out")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {records_file}, line 1: field 'answer' is a list, but format 'gsm8k' reads text "
+        "or a number from it; give --template to say how to write the record out")
     result = prepare("--template", "Q: {question}\nA: {meta[source]}")
-    assert result.returncode == 1 and "--template names a field the record does not have (KeyError: 'meta')" \
-        in result.stderr
+    assert result.returncode == 1
+    assert "--template names a field the record does not have (KeyError: 'meta')" in result.stderr
 
 
 # ---- 5. the non-finite stop tells the truth ---------------------------------------------------
 
 def test_non_finite_stop_before_any_checkpoint_is_one_plain_line(workspace, tmp_path):
-    result = run(args_for(workspace, tmp_path / "run", method="baseline", learning_rate=1e30, min_lr=1e30,
-                          grad_clip=0.0, eval_interval=0), check=False)
+    result = run(args_for(workspace, tmp_path / "run", method="baseline", learning_rate=1e30,
+                          min_lr=1e30, grad_clip=0.0, eval_interval=0), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]  # after the entropy cache's progress bar, if it was built
-    assert line.startswith("error: non-finite training at step ") and result.stderr.count("error:") == 1
+    # After the entropy cache's progress bar, if it was built.
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: non-finite training at step ")
+    assert result.stderr.count("error:") == 1
     assert "no checkpoint was saved yet" in line and "intact" not in line
 
 
@@ -286,7 +317,8 @@ def test_non_finite_stop_before_any_checkpoint_is_one_plain_line(workspace, tmp_
 def test_renamed_files_are_on_disk_first_and_follow_the_umask(tmp_path, monkeypatch):
     synced, renamed = [], []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(str(a)), real_replace(a, b)))
     previous = os.umask(0o027)
     try:
@@ -296,23 +328,26 @@ def test_renamed_files_are_on_disk_first_and_follow_the_umask(tmp_path, monkeypa
         from safetensors.torch import save_file
         save_file({"x": torch.zeros(2)}, str(tmp_path / "cache.tmp"))
         replace_durably(tmp_path / "cache.tmp", tmp_path / "cache.safetensors")
-        assert (tmp_path / "cache.safetensors").stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not 0600
+        # 0666 less the umask, not 0600.
+        assert (tmp_path / "cache.safetensors").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(previous)
 
 
 def test_sigint_says_in_one_line_how_many_steps_will_be_redone(workspace, tmp_path):
     out = tmp_path / "run"
-    process = start(args_for(workspace, out, method="baseline", max_steps=10**6, eval_interval=0, checkpoint_interval=5))
+    process = start(args_for(workspace, out, method="baseline", max_steps=10**6, eval_interval=0,
+                             checkpoint_interval=5))
     wait_for_step(out, 8, process)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate()
     assert process.returncode == 1, (process.returncode, stdout[-2000:], stderr[-2000:])
     saved = read_train_state(out / "ckpt")["loader"]["step"]
-    line = stderr.strip().splitlines()[-1]  # after the entropy cache's progress bar, if it was built
+    # After the entropy cache's progress bar, if it was built.
+    line = stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr
-    match = re.fullmatch(r"error: interrupted at step (\d+); the (\d+) steps since the checkpoint at step (\d+) "
-                         r"will be redone with --resume=True", line)
+    match = re.fullmatch(r"error: interrupted at step (\d+); the (\d+) steps since the checkpoint "
+                         r"at step (\d+) will be redone with --resume=True", line)
     assert match, line
     assert int(match[3]) == saved and int(match[1]) - saved == int(match[2])
 
@@ -330,6 +365,7 @@ def test_resume_with_another_micro_batch_continues_the_run(workspace, tmp_path):
     resumed = run(args_for(workspace, out, **settings, micro_batch_size=4, resume=True))
     assert "resuming from" in resumed.stdout
     whole, split = records(tmp_path / "whole", "train"), records(out, "train")
-    assert [r["mask_rate"] for r in whole] == [r["mask_rate"] for r in split]  # the same masks: keyed by window
+    # The same masks: keyed by window.
+    assert [r["mask_rate"] for r in whole] == [r["mask_rate"] for r in split]
     for a, b in zip(whole, split):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5

@@ -23,8 +23,9 @@ from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ModelConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=True)
+TINY = ModelConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   max_position_embeddings=128, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +47,20 @@ def workspace(tmp_path_factory):
 
 
 def args_for(workspace, out_dir, **overrides):
-    settings = dict(init_from=workspace / "base", target_data=workspace / "math", general_data=workspace / "general",
-                    out_dir=out_dir, seq_len=32, global_batch_size=8, micro_batch_size=2, epochs=1.5,
-                    learning_rate=3e-3, min_lr=3e-3, curriculum_midpoint=0.5, gamma_max=0.5, eval_interval=20,
-                    log_interval=1, checkpoint_interval=1000)
+    settings = dict(init_from=workspace / "base", target_data=workspace / "math",
+                    general_data=workspace / "general", out_dir=out_dir,
+                    seq_len=32, global_batch_size=8, micro_batch_size=2, epochs=1.5,
+                    learning_rate=3e-3, min_lr=3e-3, curriculum_midpoint=0.5, gamma_max=0.5,
+                    eval_interval=20, log_interval=1, checkpoint_interval=1000)
     settings.update(overrides)
     return [f"--{k}={v}" for k, v in settings.items()]
 
 
 def run(args, torchrun=False, check=True, nproc=2):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if torchrun else [sys.executable]
-    result = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}"] if torchrun else [sys.executable]
+    result = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -71,8 +73,9 @@ def records(out_dir, kind):
 
 @pytest.mark.parametrize("method", ["baseline", "entrodrop", "entrodrop_online"])
 def test_two_ranks_match_one_process_with_twice_the_accumulation(workspace, tmp_path, method):
-    """entrodrop_online: each rank refreshes the scores of its own rows, and the ranks exchange them;
-    a window's next visit falls to either rank, so without the exchange the masks would differ."""
+    """entrodrop_online: each rank refreshes the scores of its own rows, and the ranks exchange
+    them; a window's next visit falls to either rank, so without the exchange the masks would
+    differ."""
     single, double = tmp_path / "single", tmp_path / "ddp"
     # Float sums in another order drift apart as training goes on; 24 steps stay well inside 1e-5.
     settings = dict(method=method, max_steps=24, eval_interval=8)
@@ -82,7 +85,8 @@ def test_two_ranks_match_one_process_with_twice_the_accumulation(workspace, tmp_
     run(args_for(workspace, double, **settings), torchrun=True)  # 2 ranks x 2 micro-batches of 2
     a, b = records(single, "train"), records(double, "train")
     assert len(a) == len(b) == 24
-    print("largest loss difference", max(abs(x["train_loss"] - y["train_loss"]) for x, y in zip(a, b)))
+    print("largest loss difference",
+          max(abs(x["train_loss"] - y["train_loss"]) for x, y in zip(a, b)))
     for x, y in zip(a, b):
         assert abs(x["train_loss"] - y["train_loss"]) <= 1e-5, (x, y)
         assert x["mask_rate"] == y["mask_rate"]  # the same masks, by construction
@@ -106,7 +110,8 @@ def final_state(out_dir, base):
 
 @pytest.mark.parametrize("method", ["entrodrop", "hidden_dropout", "entrodrop_online"])
 def test_resume_after_sigkill_is_bitwise_identical(workspace, tmp_path, method):
-    extra = dict(method=method, epochs=4.0, checkpoint_interval=60, eval_interval=30, log_interval=1)
+    extra = dict(method=method, epochs=4.0, checkpoint_interval=60, eval_interval=30,
+                 log_interval=1)
     if method == "entrodrop_online":  # the refreshed scores travel with the checkpoint
         extra.update(method="entrodrop", score_source="online")
     if method == "hidden_dropout":
@@ -114,12 +119,14 @@ def test_resume_after_sigkill_is_bitwise_identical(workspace, tmp_path, method):
     run(args_for(workspace, tmp_path / "whole", **extra))
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, "train.py", *args_for(workspace, interrupted, **extra)], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "train.py",
+                                *args_for(workspace, interrupted, **extra)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = interrupted / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill it once it is past its first checkpoint (step 60)
-        if log.exists() and any(r.get("step", 0) >= 75 for r in map(json.loads, log.read_text().splitlines()[:-1])):
+        if log.exists() and any(r.get("step", 0) >= 75
+                                for r in map(json.loads, log.read_text().splitlines()[:-1])):
             break
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
@@ -129,13 +136,16 @@ def test_resume_after_sigkill_is_bitwise_identical(workspace, tmp_path, method):
 
     result = run(args_for(workspace, interrupted, **extra, resume=True))
     assert "resuming from" in result.stdout
-    whole, resumed = final_state(tmp_path / "whole", workspace / "base"), final_state(interrupted, workspace / "base")
+    whole, resumed = (final_state(tmp_path / "whole", workspace / "base"),
+                      final_state(interrupted, workspace / "base"))
     assert resumed["finished"]
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     if method == "entrodrop_online":
-        assert torch.equal(whole["online_scores"].nan_to_num(), resumed["online_scores"].nan_to_num())
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in rs]
+        assert torch.equal(whole["online_scores"].nan_to_num(),
+                           resumed["online_scores"].nan_to_num())
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")}
+                        for r in rs]
     for kind in ("train", "eval"):
         assert strip(records(tmp_path / "whole", kind)) == strip(records(interrupted, kind))
 
@@ -144,7 +154,8 @@ def test_continual_pretraining_logs_groups_and_exports_for_transformers(workspac
     out = tmp_path / "run"
     result = run(args_for(workspace, out, method="entrodrop"))
     evals = records(out, "eval")
-    assert evals[0]["val_loss_low"] < evals[0]["val_loss"] < evals[0]["val_loss_high"]  # groups: this model's
+    # Groups: this model's.
+    assert evals[0]["val_loss_low"] < evals[0]["val_loss"] < evals[0]["val_loss_high"]
     assert all(r["val_loss_low"] is not None and r["val_loss_high"] is not None for r in evals)
     assert evals[-1]["best_epoch"] is not None and "done: best target val loss" in result.stdout
     assert all(0 <= r["gamma"] <= r["gamma_max_j"] <= 0.5 for r in records(out, "train"))
@@ -157,7 +168,8 @@ def test_continual_pretraining_logs_groups_and_exports_for_transformers(workspac
     with torch.no_grad():
         assert (reference(idx).logits - ours(idx)).abs().max() <= 1e-4
     assert load_tokenizer(str(out / "best")).fingerprint == load_tokenizer("byte").fingerprint
-    assert torch.equal(ours.fill_embedding, ours.embed_tokens.weight.mean(0))  # a fresh base for a next run
+    # A fresh base for a next run.
+    assert torch.equal(ours.fill_embedding, ours.embed_tokens.weight.mean(0))
 
     again = run(args_for(workspace, out, method="entrodrop"))
     assert "already holds this finished run" in again.stdout
@@ -178,19 +190,23 @@ def test_unknown_key_and_wrong_type(workspace, tmp_path):
 
 def test_invalid_method_combinations(workspace, tmp_path):
     guard(workspace, tmp_path, "method='dropconnect' must be one of", method="dropconnect")
-    guard(workspace, tmp_path, "weight_decay=0.1: must be > 0 for method=weight_decay", weight_decay=0.1)
-    guard(workspace, tmp_path, "dropout=0.0: must be > 0 for method=hidden_dropout", method="hidden_dropout")
-    guard(workspace, tmp_path, "targeting='high' is an option of token dropout methods", method="baseline",
-          targeting="high")
+    guard(workspace, tmp_path, "weight_decay=0.1: must be > 0 for method=weight_decay",
+          weight_decay=0.1)
+    guard(workspace, tmp_path, "dropout=0.0: must be > 0 for method=hidden_dropout",
+          method="hidden_dropout")
+    guard(workspace, tmp_path, "targeting='high' is an option of token dropout methods",
+          method="baseline", targeting="high")
     guard(workspace, tmp_path, "init_from must be a checkpoint folder", init_from="scratch")
 
 
 def test_batch_that_does_not_divide(workspace, tmp_path):
-    guard(workspace, tmp_path, "global_batch_size=8 must be a multiple of micro_batch_size=3", micro_batch_size=3)
+    guard(workspace, tmp_path, "global_batch_size=8 must be a multiple of micro_batch_size=3",
+          micro_batch_size=3)
 
 
 def test_sequence_longer_than_the_model(workspace, tmp_path):
-    guard(workspace, tmp_path, "seq_len=256 exceeds the model's max_position_embeddings=128", seq_len=256)
+    guard(workspace, tmp_path, "seq_len=256 exceeds the model's max_position_embeddings=128",
+          seq_len=256)
 
 
 def test_data_from_another_tokenizer(workspace, tmp_path):
@@ -198,11 +214,13 @@ def test_data_from_another_tokenizer(workspace, tmp_path):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.train_from_iterator(["one two three four"] * 50, trainers.BpeTrainer(
-        vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]))
+        vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"]))
     other = tmp_path / "other"
     Transformer(TINY).save_pretrained(other)
     bpe.save(str(other / "tokenizer.json"))
-    guard(workspace, tmp_path, "was tokenized with 'byte', whose vocabulary differs", init_from=other)
+    guard(workspace, tmp_path, "was tokenized with 'byte', whose vocabulary differs",
+          init_from=other)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path):
@@ -211,54 +229,65 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp
           min_lr=1e30, grad_clip=0.0, checkpoint_interval=1, eval_interval=0)
     checkpoint = final_state(out, workspace / "base")
     assert not checkpoint["finished"]
-    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values()
+               if t.is_floating_point())
 
 
 def test_existing_run_with_other_settings_is_not_overwritten(workspace, tmp_path):
     out = tmp_path / "guard"
     train.main(args_for(workspace, out, method="baseline", max_steps=2))
-    guard(workspace, tmp_path, r"different settings \(learning_rate, min_lr\)", method="baseline", max_steps=2,
-          learning_rate=1e-4, min_lr=1e-4)
+    guard(workspace, tmp_path, r"different settings \(learning_rate, min_lr\)", method="baseline",
+          max_steps=2, learning_rate=1e-4, min_lr=1e-4)
 
 
-def test_finished_run_is_reused_when_moved_or_when_an_unread_knob_changes(workspace, tmp_path, capsys):
+def test_finished_run_is_reused_when_moved_or_when_an_unread_knob_changes(workspace, tmp_path,
+                                                                           capsys):
     train.main(args_for(workspace, tmp_path / "first", method="baseline", max_steps=2))
     (tmp_path / "first").rename(tmp_path / "moved")
     before = (tmp_path / "moved" / "log.jsonl").read_text()
-    train.main(args_for(workspace, tmp_path / "moved", method="baseline", max_steps=2, curriculum_midpoint=7))
+    train.main(args_for(workspace, tmp_path / "moved", method="baseline", max_steps=2,
+                        curriculum_midpoint=7))
     assert "already holds this finished run" in capsys.readouterr().out
     assert (tmp_path / "moved" / "log.jsonl").read_text() == before
     train.main(args_for(workspace, tmp_path / "drop", method="entrodrop", max_steps=2))
     with pytest.raises(ValueError, match=r"different settings \(curriculum_midpoint\)"):
-        train.main(args_for(workspace, tmp_path / "drop", method="entrodrop", max_steps=2, curriculum_midpoint=7))
+        train.main(args_for(workspace, tmp_path / "drop", method="entrodrop", max_steps=2,
+                            curriculum_midpoint=7))
 
 
 def test_curriculum_midpoint_read_off_the_baseline(workspace, tmp_path):
-    train.main(args_for(workspace, tmp_path / "baseline", method="baseline", epochs=3.0, eval_interval=3))
+    train.main(args_for(workspace, tmp_path / "baseline", method="baseline", epochs=3.0,
+                        eval_interval=3))
     evals = records(tmp_path / "baseline", "eval")
     expected = train.turning_epoch([r["epoch"] for r in evals], [r["val_loss"] for r in evals])
     out = tmp_path / "entrodrop"
-    train.main(args_for(workspace, out, method="entrodrop", max_steps=4, curriculum_midpoint=f"auto:{tmp_path / 'baseline'}"))
+    train.main(args_for(workspace, out, method="entrodrop", max_steps=4,
+                        curriculum_midpoint=f"auto:{tmp_path / 'baseline'}"))
     assert records(out, "curriculum") == [{"kind": "curriculum", "midpoint": expected}]
     before, last = records(out, "train")[-2:]  # a step's ceiling uses the epoch it starts at
-    assert last["gamma_max_j"] == pytest.approx(0.5 / (1 + math.exp(-(before["epoch"] - expected))))  # Eq. (4)
+    assert last["gamma_max_j"] == \
+        pytest.approx(0.5 / (1 + math.exp(-(before["epoch"] - expected))))  # Eq. (4)
     with pytest.raises(FileNotFoundError, match="nothing holds no log.jsonl with evaluations"):
-        train.main(args_for(workspace, tmp_path / "e2", method="entrodrop", curriculum_midpoint=f"auto:{tmp_path / 'nothing'}"))
-    guard(workspace, tmp_path, "must be a number, 'auto:<baseline out_dir>' or 'patience:<P>'", method="entrodrop",
-          curriculum_midpoint="late")
+        train.main(args_for(workspace, tmp_path / "e2", method="entrodrop",
+                            curriculum_midpoint=f"auto:{tmp_path / 'nothing'}"))
+    guard(workspace, tmp_path, "must be a number, 'auto:<baseline out_dir>' or 'patience:<P>'",
+          method="entrodrop", curriculum_midpoint="late")
 
 
 def test_accuracy_counts_correct_greedy_answers(workspace, monkeypatch, tmp_path):
     """evaluate() decodes the problems in batches and scores them by evaluate.py's rules."""
     tokenizer = load_tokenizer("byte")
     model = Transformer.from_pretrained(workspace / "base")
-    replies = {"Question: one\nAnswer:": " 2 + 5 = 7.\nThe answer is 7.", "Question: two\nAnswer:": " The answer is 8.",
+    replies = {"Question: one\nAnswer:": " 2 + 5 = 7.\nThe answer is 7.",
+               "Question: two\nAnswer:": " The answer is 8.",
                "Question: three\nAnswer:": " 1,250 in all.\nQuestion: next"}
 
     def generate(idx, max_new_tokens, eos_id=None, pad_lengths=None, **_):  # left-padded rows
-        rows = [tokenizer.encode(replies[tokenizer.decode(row[pad:])]) for row, pad in zip(idx.tolist(), pad_lengths)]
+        rows = [tokenizer.encode(replies[tokenizer.decode(row[pad:])])
+                for row, pad in zip(idx.tolist(), pad_lengths)]
         width = max(map(len, rows))
-        return torch.cat((idx, torch.tensor([row + [eos_id] * (width - len(row)) for row in rows])), dim=1)
+        return torch.cat((idx, torch.tensor([row + [eos_id] * (width - len(row))
+                                             for row in rows])), dim=1)
 
     monkeypatch.setattr(model, "generate", generate)
     problems = tmp_path / "problems.jsonl"
@@ -268,8 +297,10 @@ def test_accuracy_counts_correct_greedy_answers(workspace, monkeypatch, tmp_path
     val = torch.randint(0, 256, (2, 33))
     sets = train.EvalSets(val, val[:1], train.read_problems(problems, "embedded"))
     cluster = parallel.Cluster(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
-    results = train.evaluate(model, config, sets, tokenizer, cluster, torch.autocast("cpu", enabled=False))
-    assert results["accuracy"] == 2 / 3 and results["val_loss_low"] is None and results["val_loss"] > 0
+    results = train.evaluate(model, config, sets, tokenizer, cluster,
+                             torch.autocast("cpu", enabled=False))
+    assert results["accuracy"] == 2 / 3
+    assert results["val_loss_low"] is None and results["val_loss"] > 0
 
 
 def test_exports_every_few_epochs_and_at_the_end(workspace, tmp_path):
@@ -278,6 +309,9 @@ def test_exports_every_few_epochs_and_at_the_end(workspace, tmp_path):
     assert sorted(p.name for p in (out / "epochs").iterdir()) == ["2", "3"]
     final = Transformer.from_pretrained(out / "epochs" / "3")
     state = final_state(out, workspace / "base")["model"]
-    assert all(torch.equal(p, state[n]) for n, p in final.named_parameters())  # the weights training ended with
-    assert load_tokenizer(str(out / "epochs" / "2")).fingerprint == load_tokenizer("byte").fingerprint
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary folders left
+    # The weights training ended with.
+    assert all(torch.equal(p, state[n]) for n, p in final.named_parameters())
+    assert load_tokenizer(str(out / "epochs" / "2")).fingerprint == \
+        load_tokenizer("byte").fingerprint
+    # No temporary folders left.
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]
