@@ -6,23 +6,30 @@ trains; the gradient-variance check only runs forward and backward passes of a s
 
 A run is a folder holding log.jsonl and config.json (what train.py writes). Runs are grouped by
 their folder's name; several seeds of one setting live in <name>/seed<k>/ and are shown as
-mean +- std. The names this script knows (each figure or table uses those that are present):
+mean +- std. The names this script knows (each figure or table uses those that are present, and
+skips those whose runs are missing):
     baseline, weight_decay, hidden_dropout, neftune, token_dropout, entrodrop    (Fig. 2a)
+    weight_decay<d>, hidden_dropout<p>   the baselines' sweeps, weight_decay=<d> / dropout=<p>
+                                         (Fig. 3); the best of each family stands for its method
+                                         in Fig. 2a and the methods table (Appendix A.2)
+    repeat<N>                            the baseline with the target data repeated N times within
+                                         the baseline's token budget (Fig. 1a)
+    baseline_long                        the baseline trained for many more epochs (Fig. 1b)
     entrodrop_fixed                      curriculum="constant"                   (Fig. 2b)
     entrodrop_midpoint<j>                curriculum_midpoint=<j>                 (Fig. 2b)
     entrodrop_high, entrodrop_random     targeting="high" / "random"             (Table 3)
     entrodrop_gamma<g>                   gamma_max=<g>                           (Table 4)
     entrodrop_zero_fill                  fill="zero"                             (Appendix A.3)
 
-Figures: Fig. 1c (baseline loss of low- vs high-entropy tokens), Fig. 2a (every method), Fig. 2b
-(curriculum vs fixed ratio), Fig. 2c (a validation problem shaded by base-model entropy), Fig. 4
-(entropy-group dynamics, baseline vs EntroDrop), and the Theorem 1 check (gradient variance
-against the masking rate gamma * alpha).
+Figures: Fig. 1a (loss against the number of repetitions in a fixed budget), Fig. 1b (the long
+horizon), Fig. 1c (baseline loss of low- vs high-entropy tokens), Fig. 2a (every method), Fig. 2b
+(curriculum vs fixed ratio), Fig. 2c (a validation problem shaded by base-model entropy), Fig. 3
+(the baselines' sweeps), Fig. 4 (entropy-group dynamics, baseline vs EntroDrop), and the Theorem 1
+check (gradient variance against the masking rate gamma * alpha).
 """
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -44,22 +51,40 @@ from tokenizer import load_tokenizer  # noqa: E402
 METHODS = {"baseline": "baseline", "weight_decay": "weight decay", "hidden_dropout": "hidden dropout",
            "neftune": "NEFTune", "token_dropout": "token dropout (all tokens)", "entrodrop": "EntroDrop"}
 ABLATIONS = {"entrodrop_fixed": "EntroDrop, fixed ratio", "entrodrop_high": "EntroDrop targeting high entropy",
-             "entrodrop_random": "EntroDrop targeting a random share", "entrodrop_zero_fill": "EntroDrop, zero fill"}
+             "entrodrop_random": "EntroDrop targeting a random share",
+             "entrodrop_zero_fill": "EntroDrop, zero fill",
+             "baseline_long": "baseline, long horizon"}
 SWEEPS = {"gamma": "gamma_max", "midpoint": "midpoint j0 ="}  # entrodrop_<sweep><value>
-CURVES = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss")
+# The baselines tuned in Appendix A.2 (Fig. 3), each with the config key that its sweep varies.
+FAMILIES = {"weight_decay": "weight_decay", "hidden_dropout": "dropout"}
+CURVES = ("val_loss", "val_loss_low", "val_loss_high", "general_val_loss", "accuracy")
 
 
-def label(name):
+def label(name, config=None):
+    """How a setting is named in tables and legends; a swept baseline with its value, read from a
+    run's config when the folder name does not carry it."""
     swept = re.fullmatch(r"entrodrop_(gamma|midpoint)([\d.]+)", name)
     if swept:
         return f"EntroDrop, {SWEEPS[swept[1]]} {swept[2]}"
+    repeated = re.fullmatch(r"repeat([\d.]+)", name)
+    if repeated:
+        return f"target data repeated {repeated[1]}x"
+    member = re.fullmatch(rf"({'|'.join(FAMILIES)})([\d.]*)", name)
+    if member and (member[2] or config):
+        return f"{METHODS[member[1]]} {member[2] or format(config[FAMILIES[member[1]]], 'g')}"
     return METHODS.get(name) or ABLATIONS.get(name) or name
+
+
+def group_label(groups, name):
+    return label(name, groups[name][0]["config"])
 
 
 # ---- reading runs ------------------------------------------------------------------------
 
 def load_runs(root):
-    """{group name: [run, ...]}, a run being {"config", "epoch" (n,), curve name: (n,)} of its evaluations."""
+    """{group name: [run, ...]} with the runs of a group in seed order, a run being {"config",
+    "folder", "step" (n,), "epoch" (n,), curve name: (n,)} of its evaluations (NaN where a curve
+    was not measured, as accuracy in most runs)."""
     groups = {}
     for log in sorted(Path(root).rglob("log.jsonl")):
         folder = log.parent
@@ -68,11 +93,19 @@ def load_runs(root):
         config = json.loads((folder / "config.json").read_text())
         if not evals or not (folder / "ckpt" / "train_state.pt").exists():
             continue
-        run = {"config": config, "folder": folder, "epoch": np.array([r["epoch"] for r in evals])}
+        run = {"config": config, "folder": folder, "step": np.array([r["step"] for r in evals]),
+               "epoch": np.array([r["epoch"] for r in evals])}
         for key in CURVES:
-            run[key] = np.array([np.nan if r[key] is None else r[key] for r in evals])
+            run[key] = np.array([np.nan if r.get(key) is None else r[key] for r in evals])
         groups.setdefault(name, []).append(run)
+    for runs in groups.values():
+        runs.sort(key=lambda run: run["config"]["seed"])
     return groups
+
+
+def budget(run):
+    """Tokens a run trained on, target and general together: its last step's global batches."""
+    return int(run["step"][-1]) * run["config"]["global_batch_size"] * run["config"]["seq_len"]
 
 
 def summary(run):
@@ -82,7 +115,39 @@ def summary(run):
             "final_val_loss": run["val_loss"][-1], "rise": run["val_loss"][-1] / run["val_loss"][best] - 1,
             "low_at_best": run["val_loss_low"][best], "low_final": run["val_loss_low"][-1],
             "high_at_best": run["val_loss_high"][best], "high_final": run["val_loss_high"][-1],
-            "general_at_best": run["general_val_loss"][best]}
+            "general_at_best": run["general_val_loss"][best],
+            "general_final": run["general_val_loss"][-1]}
+
+
+def mean_minimum(runs):
+    """The minimum target validation loss of a setting, averaged over its seeds."""
+    return float(np.mean([summary(run)["min_val_loss"] for run in runs]))
+
+
+def family(groups, method):
+    """Fig. 3: [(value, name)] of a baseline's sweep in value order: the settings named <method> or
+    <method><value> (weight_decay0.3), valued by the config key that the sweep varies."""
+    members = [name for name in groups if re.fullmatch(rf"{method}[\d.]*", name)]
+    return sorted((groups[name][0]["config"][FAMILIES[method]], name) for name in members)
+
+
+def best_of_family(groups, method):
+    """Appendix A.2: "the best-performing configuration for each method is reported in the main
+    results table". Best here: the lowest minimum target validation loss, averaged over seeds."""
+    names = [name for _, name in family(groups, method)]
+    return min(names, key=lambda name: mean_minimum(groups[name]))
+
+
+def compared_methods(groups):
+    """The setting that stands for each method of Fig. 2a and the methods table, in METHODS order:
+    a swept baseline by the best of its family, every other method by its own run."""
+    names = []
+    for method in METHODS:
+        if method in FAMILIES and family(groups, method):
+            names.append(best_of_family(groups, method))
+        elif method in groups:
+            names.append(method)
+    return names
 
 
 def domain_accuracy(folder, names=None):
@@ -142,8 +207,9 @@ def accuracy_section(groups, names, base_folder):
     for name in names:
         summaries = [accuracy_summary(run) for run in groups[name]]
         epochs = [s["highest_epoch"] for s in summaries if s["highest_epoch"] is not None]
-        rows.append([label(name), *(accuracy_cell([s[key] for s in summaries]) for key in ("best_by_loss", "final",
-                                                                                         "highest")),
+        cells = [accuracy_cell([s[key] for s in summaries]) for key in ("best_by_loss", "final",
+                                                                       "highest")]
+        rows.append([group_label(groups, name), *cells,
                      mean_std(epochs, digits=1) if epochs else "–"])
     if all(cell == "–" for row in rows for cell in row[1:]):
         return []
@@ -185,12 +251,12 @@ def figure_methods(groups, names, title, path, base_folder=None):
     with_accuracy = any(len(curve) > 1 for curve in points.values())
     fig, axes = plt.subplots(1, 2 if with_accuracy else 1, figsize=(12 if with_accuracy else 7, 4.2), squeeze=False)
     for name in names:
-        plot_curves(axes[0, 0], groups[name], "val_loss", label(name))
+        plot_curves(axes[0, 0], groups[name], "val_loss", group_label(groups, name))
     axes[0, 0].set(xlabel="target epoch", ylabel="target validation loss (nats/token)", title=title)
     axes[0, 0].legend()
     if with_accuracy:
         for name, curve in points.items():
-            axes[0, 1].plot(*zip(*curve), "o-", label=label(name), lw=1.6)
+            axes[0, 1].plot(*zip(*curve), "o-", label=group_label(groups, name), lw=1.6)
         axes[0, 1].set(xlabel="target epoch", ylabel="answer accuracy", title="accuracy of each export")
         axes[0, 1].legend()
     fig.tight_layout()
@@ -217,12 +283,94 @@ def figure_groups(groups, names, title, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, style in zip(names, ("-", "--")):
         for ax, key in zip(axes, ("val_loss_low", "val_loss_high")):
-            plot_curves(ax, groups[name], key, label(name), color="tab:blue" if key.endswith("low") else "tab:red",
-                        style=style)
+            plot_curves(ax, groups[name], key, group_label(groups, name),
+                        color="tab:blue" if key.endswith("low") else "tab:red", style=style)
     for ax, group in zip(axes, ("low-entropy tokens (50% most confident)", "high-entropy tokens (25% least confident)")):
         ax.set(xlabel="target epoch", ylabel="validation loss (nats/token)", title=group)
         ax.legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def figure_sweeps(groups, methods, path):
+    """Fig. 3: each tuned baseline's sweep (Appendix A.2), one panel per method: target validation
+    loss against epochs for every value, the untuned baseline dashed."""
+    fig, axes = plt.subplots(1, len(methods), figsize=(6.5 * len(methods), 4.2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        plot_curves(ax, groups["baseline"], "val_loss", "baseline", color="tab:gray", style="--")
+        for _, name in family(groups, method):
+            plot_curves(ax, groups[name], "val_loss", group_label(groups, name))
+        best = groups[best_of_family(groups, method)][0]["config"][FAMILIES[method]]
+        ax.set(xlabel="target epoch", ylabel="target validation loss (nats/token)",
+               title=f"{METHODS[method]} (best: {best:g})")
+        ax.legend()
+    fig.suptitle("Fig. 3: the baselines' sweeps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def repetition_points(groups):
+    """Fig. 1a: [(N, name)] of the settings that repeat the target data N times within one token
+    budget, in order of N: the repeat<N> runs, and the baseline when it trained on their budget.
+    N is the number of target epochs done at the end, averaged over seeds."""
+    names = [name for name in groups if re.fullmatch(r"repeat[\d.]+", name)]
+    budgets = {budget(run) for name in names for run in groups[name]}
+    if names and "baseline" in groups and {budget(run) for run in groups["baseline"]} <= budgets:
+        names.append("baseline")
+    repeats = {name: float(np.mean([run["epoch"][-1] for run in groups[name]])) for name in names}
+    return sorted((n, name) for name, n in repeats.items())
+
+
+def figure_repetition(groups, points, path):
+    """Fig. 1a in miniature: with the token budget fixed, target validation loss at the end of the
+    budget (and the lowest along the way) against how often the target data was repeated, and the
+    general validation loss, as the general data takes the rest of the budget (Sec. 2, RQ1)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    repeats = [n for n, _ in points]
+    panels = {"target": {"final_val_loss": "at the end of the budget",
+                         "min_val_loss": "lowest along the way"},
+              "general": {"general_final": "at the end of the budget"}}
+    for ax, (domain, curves) in zip(axes, panels.items()):
+        for key, curve_label in curves.items():
+            values = [[summary(run)[key] for run in groups[name]] for _, name in points]
+            errors = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(repeats, [np.mean(v) for v in values], yerr=errors, fmt="o-", capsize=3,
+                        label=curve_label)
+        ax.set_xscale("log")
+        ax.set_xticks(repeats, [f"{n:g}" for n in repeats])
+        ax.set(xlabel="target epochs N in the same token budget",
+               ylabel=f"{domain} validation loss (nats/token)", title=f"{domain} domain")
+        ax.legend()
+    fig.suptitle("Fig. 1a: a fixed token budget, the target data repeated N times")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def figure_long_horizon(runs, path):
+    """Fig. 1b: target validation loss over a long horizon (mean over seeds), its minimum marked,
+    and accuracy on a second axis where the runs logged it (train.py's accuracy_samples) or where
+    their exports were scored (evaluate.py)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    plot_curves(ax, runs, "val_loss", "target validation loss", color="tab:blue")
+    best = np.mean([summary(run)["best_epoch"] for run in runs])
+    ax.axvline(best, color="tab:blue", lw=0.8, ls=":", label=f"lowest at epoch {best:.1f}")
+    ax.set(xlabel="target epoch", ylabel="target validation loss (nats/token)",
+           title="Fig. 1b: the baseline over a long horizon")
+    logged = [run for run in runs if np.isfinite(run["accuracy"]).any()]
+    curve = accuracy_curve(runs, None)
+    if logged or curve:
+        accuracy_ax = ax.twinx()
+        if logged:
+            plot_curves(accuracy_ax, logged, "accuracy", "answer accuracy", color="tab:green")
+        else:
+            accuracy_ax.plot(*zip(*curve), "o-", color="tab:green", label="answer accuracy")
+        accuracy_ax.set_ylabel("answer accuracy")
+        accuracy_ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -235,8 +383,47 @@ def base_entropies(config):
     return load_entropy_cache(cache_path, header, "run train.py once to build it"), load_tokenizer(config["init_from"])
 
 
+def text_color(rgb):
+    """Black or white, whichever contrasts more with a box of color rgb (0-1 sRGB): the contrast
+    ratio of WCAG 2, (L1 + 0.05) / (L2 + 0.05) of relative luminances in linear light."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else "white"
+
+
+def token_boxes(pieces, width):
+    """Lay decoded tokens out as lines of text: [(column, row, text, token index)], one box per
+    token, or per part of a token that holds a newline. Lines break between words, as text wraps:
+    a word (the tokens from one that starts with white space, or follows one that ends with it, to
+    the next such) that would run past `width` characters starts the next line; a word longer than
+    a line breaks between its tokens."""
+    def starts_word(index):
+        return index == 0 or pieces[index][:1].isspace() or pieces[index - 1][-1:].isspace()
+
+    def word_length(index):
+        length = len(pieces[index].split("\n")[0])
+        for k in range(index + 1, len(pieces)):
+            if starts_word(k) or "\n" in pieces[k - 1]:
+                break
+            length += len(pieces[k].split("\n")[0])
+        return length
+
+    boxes, column, row = [], 0, 0
+    for index, piece in enumerate(pieces):
+        for part_index, part in enumerate(piece.split("\n")):
+            too_long = word_length(index) if starts_word(index) else len(part)
+            if part_index or (column > 0 and column + too_long > width):
+                column, row = 0, row + 1
+            if part:
+                boxes.append((column, row, part, index))
+                column += len(part)
+    return boxes
+
+
 def figure_entropy_text(config, path, width=72):
-    """Fig. 2c: one validation problem, each token a box shaded by its entropy under the base model."""
+    """Fig. 2c: one validation problem, each token a box shaded by its entropy under the base model.
+    Tokens are decoded one by one with the base model's own tokenizer, so a real model's tokens
+    (whole words, a space in front) show as they are, and a byte-level model's as characters."""
     cache, tokenizer = base_entropies(config)
     windows = read_windows(config["target_data"], "val", config["seq_len"])
     for index, window in enumerate(windows):  # the first whole document between two end-of-text tokens
@@ -246,27 +433,20 @@ def figure_entropy_text(config, path, width=72):
             break
     else:  # documents longer than a window: show the first window from its first predicted token
         index, window, start, stop = 0, windows[0], 1, len(windows[0])
-    entropy = cache["val_entropy"][index].numpy()
+    entropy = cache["val_entropy"][index].numpy()[start:stop]
+    boxes = token_boxes([tokenizer.decode([int(token)]) for token in window[start:stop]], width)
     cmap, top = plt.get_cmap("magma_r"), float(np.nanpercentile(entropy, 99))
-    boxes, x, y = [], 0, 0  # (column, row, text, entropy) of each token piece, in character cells
-    for t in range(start, stop):
-        for i, piece in enumerate(tokenizer.decode([int(window[t])]).split("\n")):
-            if i or (x + len(piece) > width and x > 0):  # a newline, or a line too long: wrap
-                x, y = 0, y + 1
-            if piece:
-                boxes.append((x, y, piece, float(entropy[t])))
-                x += len(piece)
+    rows = boxes[-1][1] + 1 if boxes else 1
     cell = 0.6  # a monospace character is about 0.6 times as wide as it is tall
-    fig, ax = plt.subplots(figsize=(width * cell * 0.16 + 1.5, (y + 1) * 0.2 + 1.0))
-    for x, y, piece, value in boxes:
-        red, green, blue, _ = cmap(min(1.0, value / top))
-        ax.add_patch(plt.Rectangle((x * cell, -y * 1.25 - 0.5), len(piece) * cell, 1, facecolor=(red, green, blue),
-                                   edgecolor="white", lw=0.8))
-        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # perceived brightness of the box
-        for k, char in enumerate(piece):
-            ax.text((x + k + 0.5) * cell, -y * 1.25, char, family="monospace", fontsize=8.5, ha="center",
-                    va="center", color="white" if dark else "black")
-    ax.set(xlim=(0, width * cell), ylim=(-y * 1.25 - 0.6, 0.6), aspect="equal")
+    fig, ax = plt.subplots(figsize=(width * cell * 0.16 + 1.5, rows * 0.2 + 1.0))
+    for column, row, text, token in boxes:
+        color = cmap(min(1.0, entropy[token] / top))
+        ax.add_patch(plt.Rectangle((column * cell, -row * 1.25 - 0.5), len(text) * cell, 1,
+                                   facecolor=color, edgecolor="white", lw=0.8))
+        for k, char in enumerate(text):
+            ax.text((column + k + 0.5) * cell, -row * 1.25, char, family="monospace", fontsize=8.5,
+                    ha="center", va="center", color=text_color(color))
+    ax.set(xlim=(0, width * cell), ylim=(-(rows - 1) * 1.25 - 0.6, 0.6), aspect="equal")
     ax.axis("off")
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top)), ax=ax, fraction=0.02, pad=0.01,
                  label="entropy (nats)")
@@ -309,6 +489,52 @@ def entropy_report(config, figures, top=12):
                 for i, count in sorted(zip(ids, counts), key=lambda ic: -ic[1])[:top]]
         lines += [f"Most frequent tokens of the {name}:", "", table(["token", "count", "mean entropy"], rows), ""]
     return lines
+
+
+def fill_vector_report(config):
+    """How far the fill vector e_bar (Eq. 1: the mean of the base model's input embeddings) lies
+    from the inputs it replaces, beside the zero vector that Appendix A.3 finds unstable: their
+    norms, and Theorem 1's delta (A2: e_bar against the mean embedding of the gated tokens) and
+    sigma (A1: the spread of the gated tokens' embeddings)."""
+    cache, _ = base_entropies(config)
+    model = Transformer.from_pretrained(config["init_from"])
+    embeddings, fill = model.embed_tokens.weight.detach().float(), model.fill_embedding.float()
+    T = config["seq_len"]
+    inputs = torch.from_numpy(read_windows(config["target_data"], "train", T))[:, :T]
+    gated = gate(cache["train_entropy"][:, :T], config["gate_percentile"], "low")  # Eq. (2)
+    # Averages over the gated tokens as weights over the vocabulary: one (vocab,) count vector in
+    # memory rather than a (tokens, d) matrix (10 GB for the paper's 0.02B tokens at d = 1024).
+    share = torch.bincount(inputs[gated], minlength=len(embeddings)).float() / gated.sum()
+    center = share @ embeddings
+    rows = [["e_bar (the mean fill)", f"{fill.norm():.3f}"],
+            ["a vocabulary row, on average", f"{embeddings.norm(dim=1).mean():.3f}"],
+            ["a gated target token's embedding, on average: how far a zero fill moves it",
+             f"{share @ embeddings.norm(dim=1):.3f}"],
+            ["a gated token's embedding minus e_bar, on average: how far the mean fill moves it",
+             f"{share @ (embeddings - fill).norm(dim=1):.3f}"],
+            ["delta (A2): e_bar minus the gated tokens' mean embedding",
+             f"{(fill - center).norm():.3f}"],
+            ["sigma (A1): root mean square distance of the gated tokens from their mean",
+             f"{(share @ (embeddings - center).norm(dim=1).pow(2)).sqrt():.3f}"]]
+    return [f"Norms in the base model's input embedding space ({embeddings.shape[0]:,} vocabulary "
+            f"rows, {int(gated.sum()):,} gated target training tokens, gate "
+            f"{config['gate_percentile']:.0%}):", "", table(["vector", "norm"], rows), ""]
+
+
+def per_seed_table(groups, names):
+    """Every seed's own numbers behind the means +- std of the tables, "a / b / c" in seed order."""
+    columns = {"min val loss": ("min_val_loss", ".3f"), "best epoch": ("best_epoch", ".1f"),
+               "final val loss": ("final_val_loss", ".3f"), "rise after best": ("rise", ".1%"),
+               "general val loss at best": ("general_at_best", ".3f"),
+               "general val loss, final": ("general_final", ".3f")}
+    rows = []
+    for name in names:
+        summaries = [summary(run) for run in groups[name]]
+        seeds = " / ".join(str(run["config"]["seed"]) for run in groups[name])
+        values = [" / ".join(format(s[key], spec) for s in summaries)
+                  for key, spec in columns.values()]
+        rows.append([group_label(groups, name), seeds, *values])
+    return table(["setting", "seeds", *columns], rows)
 
 
 # ---- Theorem 1: gradient variance against the masking rate ----------------------------------
@@ -382,13 +608,52 @@ def figure_variance(rates, curves, path):
 
 # ---- the report --------------------------------------------------------------------------
 
+def repetition_section(groups, figures):
+    """Fig. 1a and its table, when the folder holds repeat<N> runs."""
+    points = repetition_points(groups)
+    if len(points) < 2:
+        return []
+    figure_repetition(groups, points, figures / "fig1a.png")
+    rows, final = [], {}
+    for repeats, name in points:
+        summaries, first = [summary(run) for run in groups[name]], groups[name][0]
+        col = lambda key, **kw: mean_std([s[key] for s in summaries], **kw)  # noqa: E731
+        final[repeats] = np.mean([s["final_val_loss"] for s in summaries])
+        lowest = f"{col('min_val_loss')} (epoch {col('best_epoch', digits=1)})"
+        rows.append([f"{repeats:g}", group_label(groups, name), len(summaries),
+                     f"{first['config']['target_ratio']:g}", f"{budget(first):,}",
+                     col("final_val_loss"), lowest, col("general_final")])
+    header = ["N", "setting", "seeds", "target share of rows", "tokens trained",
+              "final target val loss", "min target val loss", "general val loss, final"]
+    return ["## Fig. 1a: a fixed token budget, the target data repeated N times", "",
+            "Every run trains on the same number of tokens; the target data takes N epochs of them "
+            "and general data the rest (Sec. 2, RQ1: |D_general| = budget - N |D_target|). The "
+            "paper plots accuracy; here the target loss at the end of the budget is lowest at "
+            f"N = {min(final, key=final.get):g}.", "", table(header, rows), "",
+            "![Fig. 1a](figures/fig1a.png)", ""]
+
+
+def sweeps_section(groups, swept, figures):
+    """Fig. 3 and its table, for the methods in `swept` (those with more than one setting)."""
+    if not swept:
+        return []
+    figure_sweeps(groups, swept, figures / "fig3.png")
+    names = [name for method in swept for _, name in family(groups, method)]
+    return ["## Fig. 3: the baselines' sweeps (Appendix A.2)", "",
+            "The paper tries hidden dropout 0.05 and 0.1 and weight decay 0.1, 0.3 and 0.5, and "
+            "reports the best of each in its main table. Best here: the lowest minimum target "
+            "validation loss, averaged over seeds.", "",
+            summary_table(groups, ["baseline", *names], "setting"), "",
+            "![Fig. 3](figures/fig3.png)", ""]
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 SUMMARY_HEADER = ["min val loss", "best epoch", "final val loss", "rise after best", "low-entropy loss",
-                  "high-entropy loss", "general val loss at best"]
+                  "high-entropy loss", "general val loss"]
 
 
 def summary_table(groups, names, first_column="method"):
@@ -399,9 +664,12 @@ def summary_table(groups, names, first_column="method"):
     for name in names:
         s = [summary(run) for run in groups[name]]
         col = lambda key, **kw: mean_std([x[key] for x in s], **kw)  # noqa: E731
-        rows.append([label(name), len(s), col("min_val_loss"), col("best_epoch", digits=1), col("final_val_loss"),
-                     col("rise", digits=1, percent=True), f"{col('low_at_best')} → {col('low_final')}",
-                     f"{col('high_at_best')} → {col('high_final')}", col("general_at_best")])
+        rows.append([group_label(groups, name), len(s), col("min_val_loss"),
+                     col("best_epoch", digits=1), col("final_val_loss"),
+                     col("rise", digits=1, percent=True),
+                     f"{col('low_at_best')} → {col('low_final')}",
+                     f"{col('high_at_best')} → {col('high_final')}",
+                     f"{col('general_at_best')} → {col('general_final')}"])
         if accuracy:
             rows[-1].append(accuracy_cell([accuracy_summary(run)["highest"] for run in groups[name]]))
     return table([first_column, "seeds", *SUMMARY_HEADER, *(["accuracy (highest export)"] if accuracy else [])], rows)
@@ -423,8 +691,13 @@ def main(argv=None):
               "at the best epoch → at the last epoch. Mean ± std over seeds where there are several.", ""]
 
     base_model = groups.get("entrodrop", groups["baseline"])[0]["config"]["init_from"]
-    methods = [n for n in METHODS if n in groups]
+    methods = compared_methods(groups)
     report += ["## Methods", "", summary_table(groups, methods), ""]
+    swept = [method for method in FAMILIES if len(family(groups, method)) > 1]
+    if swept:
+        swept_names = " and ".join(METHODS[method] for method in swept)
+        report += [f"{swept_names.capitalize()}: each by the setting of its sweep with the lowest "
+                   "minimum, averaged over seeds (Fig. 3 below), here and in Fig. 2a.", ""]
     base = [summary(run) for run in groups["baseline"]]
     rise = np.mean([s["final_val_loss"] - s["min_val_loss"] for s in base])
     if rise > 0:  # the groups hold 50% and 25% of the validation targets
@@ -439,6 +712,12 @@ def main(argv=None):
         figure_groups(groups, ["baseline", "entrodrop"], "Fig. 4: baseline (solid) vs EntroDrop (dashed)",
                       figures / "fig4.png")
         report += ["![Fig. 4](figures/fig4.png)", ""]
+    report += repetition_section(groups, figures)
+    if "baseline_long" in groups:
+        figure_long_horizon(groups["baseline_long"], figures / "fig1b.png")
+        report += ["## Fig. 1b: the baseline over a long horizon", "",
+                   summary_table(groups, ["baseline", "baseline_long"], "run"), "",
+                   "![Fig. 1b](figures/fig1b.png)", ""]
     if "entrodrop_fixed" in groups:
         names = ["baseline", "entrodrop", *sorted(n for n in groups if n.startswith("entrodrop_midpoint")),
                  "entrodrop_fixed"]
@@ -462,13 +741,24 @@ def main(argv=None):
                 for n in ["baseline", *sweep]]
         report += ["## Table 4: gamma_max", "", table(["run", "best epoch", "min val loss",
                                                         *(["accuracy (highest export)"] if accuracy else [])], rows), ""]
-    if "entrodrop_zero_fill" in groups:
-        report += ["## Appendix A.3: mean vs zero fill", "",
-                   summary_table(groups, ["entrodrop", "entrodrop_zero_fill"], "run"), ""]
-
+    report += sweeps_section(groups, swept, figures)
     reference = groups.get("entrodrop", groups["baseline"])[0]["config"]
+    if "entrodrop_zero_fill" in groups or reference["init_from"] != "scratch":
+        report += ["## Appendix A.3: mean vs zero fill", ""]
+        if reference["init_from"] != "scratch":
+            report += fill_vector_report(reference)
+        if "entrodrop_zero_fill" in groups:
+            report += [summary_table(groups, ["entrodrop", "entrodrop_zero_fill"], "run"), ""]
+    sweeps = [name for method in FAMILIES for _, name in family(groups, method)]
+    repetitions = [name for _, name in repetition_points(groups)]
+    every_setting = dict.fromkeys([*methods, *sweeps, *repetitions, *sorted(groups)])
+    report += ["## Per seed", "",
+               "Each seed's own numbers behind the means ± std above, in seed order.", "",
+               per_seed_table(groups, list(every_setting)), ""]
+
     if reference["init_from"] != "scratch":
-        report += accuracy_section(groups, [n for n in (*METHODS, *ABLATIONS) if n in groups], base_model)
+        ablations = [name for name in ABLATIONS if name in groups]
+        report += accuracy_section(groups, [*methods, *ablations], base_model)
         figure_entropy_text(reference, figures / "fig2c.png")
         report += ["## Fig. 2c: entropy of each token of a validation problem", "", "![Fig. 2c](figures/fig2c.png)", ""]
         report += entropy_report(reference, figures)

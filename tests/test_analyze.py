@@ -1,4 +1,5 @@
-"""analyze.py's Theorem 1 check: the running variance it keeps against every gradient stacked."""
+"""analyze.py: its Theorem 1 check against every gradient stacked, the paper's checkpoint rule, and
+the figures and tables of a folder of runs, from synthetic run logs."""
 
 import json
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import analyze
 from analyze import accuracy_cell, accuracy_curve, accuracy_summary, domain_accuracy, exports, gradient_variance
 from data.loader import read_windows
 from dropout import gate
@@ -45,6 +47,31 @@ def test_gradient_variance_equals_the_variance_of_stacked_gradients(workspace, t
     assert len(set(variances)) == len(gammas)  # the masks change the gradients
 
 
+def test_the_fill_vector_report_averages_over_the_gated_tokens(workspace, tmp_path):  # noqa: F811
+    """Appendix A.3's e_bar against the inputs it replaces, from per-token counts: the same numbers
+    as the gated tokens' embeddings stacked one by one."""
+    seq_len, cache = 32, tmp_path / "entropy.safetensors"
+    config = dict(init_from=str(workspace / "base"), target_data=str(workspace / "math"),
+                  seq_len=seq_len, gate_percentile=0.5, entropy_cache=str(cache))
+    header = cache_header(config["init_from"], config["target_data"], seq_len)
+    model = Transformer.from_pretrained(config["init_from"])
+    build_entropy_cache(model.eval(), config["target_data"], seq_len, config["entropy_cache"],
+                        header, batch_size=8)
+
+    rows = [line.split(" | ") for line in analyze.fill_vector_report(config)[2].splitlines()[2:]]
+    reported = [float(row[-1].rstrip(" |")) for row in rows]
+
+    scores = load_entropy_cache(config["entropy_cache"], header, "")["train_entropy"][:, :seq_len]
+    inputs = torch.from_numpy(read_windows(config["target_data"], "train", seq_len))[:, :seq_len]
+    embeddings = model.embed_tokens.weight.detach().float()
+    stacked = embeddings[inputs[gate(scores, 0.5, "low")]]  # (gated tokens, d)
+    fill = embeddings.mean(dim=0)
+    expected = [fill.norm(), embeddings.norm(dim=1).mean(), stacked.norm(dim=1).mean(),
+                (stacked - fill).norm(dim=1).mean(), (fill - stacked.mean(0)).norm(),
+                (stacked - stacked.mean(0)).norm(dim=1).pow(2).mean().sqrt()]
+    assert reported == pytest.approx([round(float(x), 3) for x in expected], abs=1e-3)
+
+
 def write_scores(folder, accuracies):
     """A scores.json as evaluate.py writes it: one finished entry per set."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,3 +100,163 @@ def test_the_papers_rule_takes_the_export_with_the_highest_domain_average(tmp_pa
     assert accuracy_cell([domain_accuracy(run["folder"] / "best")]) == "30.0%"  # two sets: their mean
     write_scores(tmp_path / "one", {"math": 0.5})
     assert accuracy_cell([domain_accuracy(tmp_path / "one")]) == "50.0% (24%–76%, n = 10)"
+
+
+# ---- the figures and tables of a folder of runs, from synthetic logs ---------------------------
+
+def write_run(folder, seed=1, epochs=40, steps_per_epoch=17.5, turn=9.0, depth=0.0, accuracy=None,
+              **config):
+    """A finished run as analyze.py reads it: config.json, ckpt/ and a log.jsonl with one evaluation
+    per target epoch of a U-shaped curve, lowest at epoch `turn`, `depth` below 1.0 there (plus
+    0.001 per seed); accuracy(epoch) if given, else null as train.py logs it without problems."""
+    config = {"seed": seed, "method": "baseline", "init_from": "scratch", "global_batch_size": 10,
+              "seq_len": 256, "target_ratio": 0.6, "weight_decay": 0.0, "dropout": 0.0,
+              "gamma_max": 0.4, **config}
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "ckpt").mkdir()
+    (folder / "ckpt" / "train_state.pt").write_bytes(b"")
+    records = [{"kind": "config", **config}]
+    for epoch in range(epochs + 1):
+        loss = 1.0 - depth + 0.001 * seed + (epoch - turn) ** 2 / 400
+        records.append({"kind": "eval", "step": round(epoch * steps_per_epoch),
+                        "epoch": float(epoch), "val_loss": loss, "val_loss_low": 0.1,
+                        "val_loss_high": 4 * loss - 1,
+                        "general_val_loss": 0.9 + 0.001 * epoch,
+                        "accuracy": accuracy(epoch) if accuracy else None})
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_todays_study(root, seeds=(1, 2, 3)):
+    """The settings that make reproduce ran before the sweeps, the repetitions and the long run."""
+    for seed in seeds:
+        write_run(root / "baseline" / f"seed{seed}", seed)
+        write_run(root / "weight_decay" / f"seed{seed}", seed, method="weight_decay",
+                  weight_decay=0.1)
+        write_run(root / "hidden_dropout" / f"seed{seed}", seed, turn=30, depth=0.02,
+                  method="hidden_dropout", dropout=0.1)
+        write_run(root / "entrodrop" / f"seed{seed}", seed, turn=12, depth=0.005,
+                  method="entrodrop")
+
+
+def write_sweeps(root):
+    """One seed of each new setting of the baselines' sweeps (Fig. 3)."""
+    write_run(root / "weight_decay0.3" / "seed1", method="weight_decay", weight_decay=0.3,
+              depth=0.01)
+    write_run(root / "weight_decay0.5" / "seed1", method="weight_decay", weight_decay=0.5,
+              depth=0.004)
+    write_run(root / "hidden_dropout0.05" / "seed1", method="hidden_dropout", dropout=0.05,
+              depth=0.01)
+
+
+def write_repetitions(root, repeats=(1, 5, 10, 20)):
+    """Fig. 1a's runs as make reproduce trains them: N epochs in 700 steps, target_ratio 0.015 N."""
+    for n in repeats:
+        write_run(root / f"repeat{n}" / "seed1", epochs=n, steps_per_epoch=700 / n,
+                  target_ratio=0.015 * n)
+
+
+def analyze_report(root):
+    analyze.main([str(root), "--variance_samples", "0"])
+    return (root / "results.md").read_text()
+
+
+def test_the_best_of_each_sweep_stands_for_its_method(tmp_path):
+    """Appendix A.2: the best setting of each tuned baseline goes into the main table (Fig. 3)."""
+    write_todays_study(tmp_path)
+    write_sweeps(tmp_path)
+    groups = analyze.load_runs(tmp_path)
+
+    assert analyze.family(groups, "weight_decay") == [
+        (0.1, "weight_decay"), (0.3, "weight_decay0.3"), (0.5, "weight_decay0.5")]
+    assert analyze.family(groups, "neftune") == []
+    # Minima averaged over seeds: 1.002 (0.1), 0.991 (0.3), 0.997 (0.5).
+    assert analyze.best_of_family(groups, "weight_decay") == "weight_decay0.3"
+    # 0.982 (0.1, three seeds) against 0.991 (0.05, one seed).
+    assert analyze.best_of_family(groups, "hidden_dropout") == "hidden_dropout"
+    assert analyze.compared_methods(groups) == ["baseline", "weight_decay0.3", "hidden_dropout",
+                                                "entrodrop"]
+    assert analyze.group_label(groups, "weight_decay") == "weight decay 0.1"  # from config.json
+    assert analyze.group_label(groups, "hidden_dropout0.05") == "hidden dropout 0.05"
+    assert [run["config"]["seed"] for run in groups["baseline"]] == [1, 2, 3]
+
+
+def test_repetitions_share_one_budget_and_the_baseline_joins_them_only_on_it(tmp_path):
+    """Fig. 1a: N epochs of the target data in the same number of steps; a baseline of another
+    length is not one of the points."""
+    write_repetitions(tmp_path)
+    write_run(tmp_path / "baseline" / "seed1")  # 40 epochs of 17.5 steps: the same 700 steps
+    groups = analyze.load_runs(tmp_path)
+    assert analyze.budget(groups["repeat1"][0]) == 700 * 10 * 256
+    assert analyze.repetition_points(groups) == [(1.0, "repeat1"), (5.0, "repeat5"),
+                                                 (10.0, "repeat10"), (20.0, "repeat20"),
+                                                 (40.0, "baseline")]
+    assert analyze.label("repeat5") == "target data repeated 5x"
+    groups["baseline"][0]["step"][-1] += 1  # one step more: another budget
+    assert analyze.repetition_points(groups)[-1] == (20.0, "repeat20")
+
+
+def test_the_report_of_todays_study_has_no_sections_for_missing_runs(tmp_path):
+    write_todays_study(tmp_path)
+    report = analyze_report(tmp_path)
+    assert "| weight decay 0.1 | 3 |" in report and "| EntroDrop | 3 |" in report
+    for missing in ("Fig. 1a", "Fig. 1b", "Fig. 3", "Table 3", "Table 4: gamma_max"):
+        assert missing not in report, missing
+    figures = sorted(path.name for path in (tmp_path / "figures").iterdir())
+    assert figures == ["fig1c.png", "fig2a.png", "fig4.png"]
+    # Per seed: the seeds' minima at epoch 9, then (last two columns) the general loss at it and
+    # at the last epoch.
+    assert "| baseline | 1 / 2 / 3 | 1.001 / 1.002 / 1.003 | 9.0 / 9.0 / 9.0 |" in report
+    assert "0.909 / 0.909 / 0.909 | 0.940 / 0.940 / 0.940 |" in report
+
+
+def test_the_report_draws_the_sweeps_the_repetitions_and_the_long_horizon(tmp_path):
+    write_todays_study(tmp_path)
+    write_sweeps(tmp_path)
+    write_repetitions(tmp_path)
+    write_run(tmp_path / "baseline_long" / "seed1", epochs=120, accuracy=lambda epoch: epoch / 200)
+    report = analyze_report(tmp_path)
+
+    methods = report[report.index("## Methods"):report.index("## Fig. 1a")]
+    assert "| weight decay 0.3 | 1 |" in methods and "| weight decay 0.1 |" not in methods
+    assert "| hidden dropout 0.1 | 3 |" in methods
+    assert "Fig. 3: the baselines' sweeps" in report and "| weight decay 0.1 | 3 |" in report
+    # N = 10 ends its budget at epoch 10, the nearest to the turn at epoch 9: the lowest final loss.
+    assert "lowest at N = 10." in report
+    assert "| 1 | target data repeated 1x | 1 | 0.015 | 1,792,000 |" in report
+    assert "| 40 | baseline | 3 |" in report
+    assert "| baseline, long horizon | 1 |" in report
+    for name in ("fig1a", "fig1b", "fig3"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 10_000, name
+    groups = analyze.load_runs(tmp_path)
+    assert groups["baseline_long"][0]["accuracy"][100] == pytest.approx(0.5)
+    assert np.isnan(groups["baseline"][0]["accuracy"]).all()  # logged as null: not measured
+
+
+# ---- Fig. 2c ------------------------------------------------------------------------------------
+
+def test_text_on_each_box_is_black_or_white_whichever_contrasts_more():
+    assert analyze.text_color((0.0, 0.0, 0.0)) == "white"
+    assert analyze.text_color((1.0, 1.0, 1.0)) == "black"
+    colormap = analyze.plt.get_cmap("magma_r")  # Fig. 2c's: light at low entropy, dark at high
+    assert analyze.text_color(colormap(0.05)) == "black"
+    assert analyze.text_color(colormap(0.95)) == "white"
+    assert analyze.text_color((0.0, 0.0, 1.0)) == "white"  # pure blue is dark (luminance 0.07)
+    assert analyze.text_color((1.0, 1.0, 0.0)) == "black"  # yellow is light (0.93)
+
+
+def test_each_token_is_one_box_of_its_decoded_text():
+    """A real tokenizer's tokens are whole words with their spaces; a newline in one ends a line."""
+    pieces = ["Question", ":", " Priya", " sees", ".\nAnswer", ":", " 35", " dollars"]
+    assert analyze.token_boxes(pieces, width=21) == [
+        (0, 0, "Question", 0), (8, 0, ":", 1), (9, 0, " Priya", 2), (15, 0, " sees", 3),
+        (20, 0, ".", 4), (0, 1, "Answer", 4), (6, 1, ":", 5), (7, 1, " 35", 6),
+        (10, 1, " dollars", 7)]
+    # A byte-level model's tokens are characters: lines still break between words.
+    assert analyze.token_boxes(list("Each full box"), width=8) == [
+        (0, 0, "E", 0), (1, 0, "a", 1), (2, 0, "c", 2), (3, 0, "h", 3), (4, 0, " ", 4),
+        (0, 1, "f", 5), (1, 1, "u", 6), (2, 1, "l", 7), (3, 1, "l", 8), (4, 1, " ", 9),
+        (5, 1, "b", 10), (6, 1, "o", 11), (7, 1, "x", 12)]
+    # A word longer than a line breaks between its tokens.
+    assert analyze.token_boxes(["a" * 15, "b" * 10, " c"], width=20) == [
+        (0, 0, "a" * 15, 0), (0, 1, "b" * 10, 1), (10, 1, " c", 2)]
