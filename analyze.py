@@ -54,6 +54,10 @@ ABLATIONS = {"entrodrop_fixed": "EntroDrop, fixed ratio", "entrodrop_high": "Ent
              "entrodrop_random": "EntroDrop targeting a random share",
              "entrodrop_zero_fill": "EntroDrop, zero fill",
              "baseline_long": "baseline, long horizon"}
+# Beyond the paper: the gate's scores refreshed during training, and j0 found without reading a curve.
+BEYOND = {"entrodrop_online": "EntroDrop, online entropy",
+          "entrodrop_auto_j0": "EntroDrop, j0 read off the baseline (auto:)",
+          "entrodrop_patience": "EntroDrop, j0 by patience (no baseline)"}
 SWEEPS = {"gamma": "gamma_max", "midpoint": "midpoint j0 ="}  # entrodrop_<sweep><value>
 # The baselines tuned in Appendix A.2 (Fig. 3), each with the config key that its sweep varies.
 FAMILIES = {"weight_decay": "weight_decay", "hidden_dropout": "dropout"}
@@ -72,7 +76,7 @@ def label(name, config=None):
     member = re.fullmatch(rf"({'|'.join(FAMILIES)})([\d.]*)", name)
     if member and (member[2] or config):
         return f"{METHODS[member[1]]} {member[2] or format(config[FAMILIES[member[1]]], 'g')}"
-    return METHODS.get(name) or ABLATIONS.get(name) or name
+    return METHODS.get(name) or ABLATIONS.get(name) or BEYOND.get(name) or name
 
 
 def group_label(groups, name):
@@ -675,6 +679,33 @@ def summary_table(groups, names, first_column="method"):
     return table([first_column, "seeds", *SUMMARY_HEADER, *(["accuracy (highest export)"] if accuracy else [])], rows)
 
 
+def run_midpoint(run):
+    """The j0 a run used: the curriculum record of its log (auto: and patience:), else its setting;
+    None if patience never found one."""
+    records = [json.loads(line) for line in (run["folder"] / "log.jsonl").read_text().splitlines()]
+    found = [r["midpoint"] for r in records if r["kind"] == "curriculum"]
+    setting = run["config"].get("curriculum_midpoint")
+    return found[-1] if found else (None if isinstance(setting, str) else setting)
+
+
+def beyond_section(groups, figures, base_model):
+    """Static vs online scores and j0 by hand vs found automatically, beside the baseline."""
+    names = [n for n in ("baseline", "entrodrop", *BEYOND) if n in groups]
+    if not any(n in groups for n in BEYOND):
+        return []
+    figure_methods(groups, names, "Beyond the paper: online entropy, j0 found automatically",
+                   figures / "beyond.png", base_model)
+    midpoints = []
+    for name in names[1:]:
+        values = [run_midpoint(run) for run in groups[name]]
+        shown = ", ".join("none found" if v is None else f"{v:.2f}" for v in values)
+        midpoints.append(f"{label(name)}: {shown}")
+    return ["## Beyond the paper: online entropy, j0 found automatically", "",
+            summary_table(groups, names, "run"), "",
+            "j0 (epoch) per seed: " + "; ".join(midpoints) + ".", "",
+            "![beyond](figures/beyond.png)", ""]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Figures and tables from training runs.")
     parser.add_argument("root", help="a folder of runs (e.g. out/demo)")
@@ -742,6 +773,7 @@ def main(argv=None):
         report += ["## Table 4: gamma_max", "", table(["run", "best epoch", "min val loss",
                                                         *(["accuracy (highest export)"] if accuracy else [])], rows), ""]
     report += sweeps_section(groups, swept, figures)
+    report += beyond_section(groups, figures, base_model)
     reference = groups.get("entrodrop", groups["baseline"])[0]["config"]
     if "entrodrop_zero_fill" in groups or reference["init_from"] != "scratch":
         report += ["## Appendix A.3: mean vs zero fill", ""]

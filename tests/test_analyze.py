@@ -260,3 +260,24 @@ def test_each_token_is_one_box_of_its_decoded_text():
     # A word longer than a line breaks between its tokens.
     assert analyze.token_boxes(["a" * 15, "b" * 10, " c"], width=20) == [
         (0, 0, "a" * 15, 0), (0, 1, "b" * 10, 1), (10, 1, " c", 2)]
+
+
+def test_the_report_compares_online_scores_and_automatic_midpoints(tmp_path):
+    """Beyond the paper: each run's j0 comes from its curriculum record (auto:, patience:) or its
+    setting; a patience run that never found one says so."""
+    write_todays_study(tmp_path, seeds=(1,))
+    write_run(tmp_path / "entrodrop_online" / "seed1", turn=14, depth=0.006, method="entrodrop",
+              score_source="online", curriculum_midpoint=9.0)
+    for name, midpoint in (("entrodrop_auto_j0", 8.5), ("entrodrop_patience", None)):
+        folder = tmp_path / name / "seed1"
+        write_run(folder, turn=12, method="entrodrop", curriculum_midpoint=f"{name[10:]}:x")
+        if midpoint is not None:
+            with open(folder / "log.jsonl", "a") as log:
+                log.write(json.dumps({"kind": "curriculum", "midpoint": midpoint}) + "\n")
+    report = analyze_report(tmp_path)
+    section = report[report.index("## Beyond the paper"):]
+    assert "| EntroDrop, online entropy | 1 | 0.995 | 14.0 |" in section
+    assert "EntroDrop, online entropy: 9.00" in section
+    assert "EntroDrop, j0 read off the baseline (auto:): 8.50" in section
+    assert "EntroDrop, j0 by patience (no baseline): none found" in section
+    assert (tmp_path / "figures" / "beyond.png").exists()
