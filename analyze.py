@@ -48,13 +48,15 @@ from entropy import cache_header, default_cache_path, load_entropy_cache  # noqa
 from model import Transformer  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
-METHODS = {"baseline": "baseline", "weight_decay": "weight decay", "hidden_dropout": "hidden dropout",
-           "neftune": "NEFTune", "token_dropout": "token dropout (all tokens)", "entrodrop": "EntroDrop"}
-ABLATIONS = {"entrodrop_fixed": "EntroDrop, fixed ratio", "entrodrop_high": "EntroDrop targeting high entropy",
+METHODS = {"baseline": "baseline", "weight_decay": "weight decay",
+           "hidden_dropout": "hidden dropout", "neftune": "NEFTune",
+           "token_dropout": "token dropout (all tokens)", "entrodrop": "EntroDrop"}
+ABLATIONS = {"entrodrop_fixed": "EntroDrop, fixed ratio",
+             "entrodrop_high": "EntroDrop targeting high entropy",
              "entrodrop_random": "EntroDrop targeting a random share",
              "entrodrop_zero_fill": "EntroDrop, zero fill",
              "baseline_long": "baseline, long horizon"}
-# Beyond the paper: the gate's scores refreshed during training, and j0 found without reading a curve.
+# Beyond the paper: the gate's scores refreshed during training; j0 found without reading a curve.
 BEYOND = {"entrodrop_online": "EntroDrop, online entropy",
           "entrodrop_auto_j0": "EntroDrop, j0 read off the baseline (auto:)",
           "entrodrop_patience": "EntroDrop, j0 by patience (no baseline)"}
@@ -113,10 +115,12 @@ def budget(run):
 
 
 def summary(run):
-    """What Table 4 reports, and more: the minimum target validation loss, its epoch, the rebound."""
+    """What Table 4 reports, and more: the minimum target validation loss, its epoch, the
+    rebound."""
     best = int(np.nanargmin(run["val_loss"]))
     return {"min_val_loss": run["val_loss"][best], "best_epoch": run["epoch"][best],
-            "final_val_loss": run["val_loss"][-1], "rise": run["val_loss"][-1] / run["val_loss"][best] - 1,
+            "final_val_loss": run["val_loss"][-1],
+            "rise": run["val_loss"][-1] / run["val_loss"][best] - 1,
             "low_at_best": run["val_loss_low"][best], "low_final": run["val_loss_low"][-1],
             "high_at_best": run["val_loss_high"][best], "high_final": run["val_loss_high"][-1],
             "general_at_best": run["general_val_loss"][best],
@@ -159,7 +163,8 @@ def domain_accuracy(folder, names=None):
     average), only those in `names` if given, and those sets' scores; None if none is finished."""
     path = Path(folder) / "scores.json"
     every_set = json.loads(path.read_text()) if path.is_file() else {}
-    sets = [s for name, s in every_set.items() if not s["partial"] and (names is None or name in names)]
+    sets = [s for name, s in every_set.items()
+            if not s["partial"] and (names is None or name in names)]
     return (float(np.mean([s["accuracy"] for s in sets])), sets) if sets else None
 
 
@@ -176,18 +181,20 @@ def run_set_names(runs):
 
 def exports(run):
     """[(epoch, folder)] of a run's epochs/<epoch>/ exports, in epoch order."""
-    folders = [p for p in (run["folder"] / "epochs").glob("*") if (p / "model.safetensors").is_file() or
-               (p / "model.safetensors.index.json").is_file()]
+    folders = [p for p in (run["folder"] / "epochs").glob("*")
+               if (p / "model.safetensors").is_file()
+               or (p / "model.safetensors.index.json").is_file()]
     return sorted((float(p.name), p) for p in folders)
 
 
 def accuracy_summary(run):
-    """Accuracy of the best export by validation loss, of the final one, and Table 1's rule: the export
-    with the highest domain-average accuracy ("the checkpoint with the highest domain-average score";
-    the earliest on a tie). Each value is (accuracy, sets) or None."""
+    """Accuracy of the best export by validation loss, of the final one, and Table 1's rule: the
+    export with the highest domain-average accuracy ("the checkpoint with the highest
+    domain-average score"; the earliest on a tie). Each value is (accuracy, sets) or None."""
     best_epoch = float(run["epoch"][int(np.nanargmin(run["val_loss"]))])
     candidates = [*exports(run), (best_epoch, run["folder"] / "best")]
-    scored = [(domain_accuracy(folder), epoch) for epoch, folder in candidates if domain_accuracy(folder)]
+    scored = [(domain_accuracy(folder), epoch) for epoch, folder in candidates
+              if domain_accuracy(folder)]
     chosen = max(scored, key=lambda item: (item[0][0], -item[1])) if scored else (None, None)
     return {"best_by_loss": domain_accuracy(run["folder"] / "best"),
             "final": domain_accuracy(exports(run)[-1][1]) if exports(run) else None,
@@ -218,12 +225,15 @@ def accuracy_section(groups, names, base_folder):
     if all(cell == "–" for row in rows for cell in row[1:]):
         return []
     names_scored = run_set_names([run for name in names for run in groups[name]])
-    rows.insert(0, ["base model", accuracy_cell([domain_accuracy(base_folder, names_scored)]), "", "", ""])
+    rows.insert(0, ["base model", accuracy_cell([domain_accuracy(base_folder, names_scored)]),
+                    "", "", ""])
     return ["## Answer accuracy (greedy decoding, held-out problems)", "",
-            "From scores.json beside each export (evaluate.py), averaged over its sets: the export that is best "
-            "by target validation loss, the final one, and the one with the highest accuracy (the paper's rule, "
-            "Table 1), with its epoch. One seed: 95% Wilson interval and the number of problems in brackets.", "",
-            table(["model", "best by val loss", "final", "highest over exports", "its epoch"], rows), ""]
+            "From scores.json beside each export (evaluate.py), averaged over its sets: the export "
+            "that is best by target validation loss, the final one, and the one with the highest "
+            "accuracy (the paper's rule, Table 1), with its epoch. One seed: 95% Wilson interval "
+            "and the number of problems in brackets.", "",
+            table(["model", "best by val loss", "final", "highest over exports", "its epoch"],
+                  rows), ""]
 
 
 def mean_std(values, digits=3, percent=False):
@@ -250,10 +260,12 @@ def plot_curves(ax, runs, key, name, color=None, style="-"):
 
 def figure_methods(groups, names, title, path, base_folder=None):
     """Target validation loss against epochs; beside it, when exports were scored, the accuracy of
-    each export (mean over seeds), starting from the base model's at epoch 0, as the paper draws it."""
+    each export (mean over seeds), starting from the base model's at epoch 0, as the paper draws
+    it."""
     points = {name: accuracy_curve(groups[name], base_folder) for name in names}
     with_accuracy = any(len(curve) > 1 for curve in points.values())
-    fig, axes = plt.subplots(1, 2 if with_accuracy else 1, figsize=(12 if with_accuracy else 7, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if with_accuracy else 1,
+                             figsize=(12 if with_accuracy else 7, 4.2), squeeze=False)
     for name in names:
         plot_curves(axes[0, 0], groups[name], "val_loss", group_label(groups, name))
     axes[0, 0].set(xlabel="target epoch", ylabel="target validation loss (nats/token)", title=title)
@@ -261,7 +273,8 @@ def figure_methods(groups, names, title, path, base_folder=None):
     if with_accuracy:
         for name, curve in points.items():
             axes[0, 1].plot(*zip(*curve), "o-", label=group_label(groups, name), lw=1.6)
-        axes[0, 1].set(xlabel="target epoch", ylabel="answer accuracy", title="accuracy of each export")
+        axes[0, 1].set(xlabel="target epoch", ylabel="answer accuracy",
+                       title="accuracy of each export")
         axes[0, 1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -269,7 +282,8 @@ def figure_methods(groups, names, title, path, base_folder=None):
 
 
 def accuracy_curve(runs, base_folder):
-    """[(epoch, accuracy)]: the base model's at 0, then each export epoch scored in every seed (mean)."""
+    """[(epoch, accuracy)]: the base model's at 0, then each export epoch scored in every seed
+    (mean)."""
     base = domain_accuracy(base_folder, run_set_names(runs)) if base_folder else None
     by_epoch = {}
     for run in runs:
@@ -277,7 +291,8 @@ def accuracy_curve(runs, base_folder):
             scored = domain_accuracy(folder)
             if scored:
                 by_epoch.setdefault(epoch, []).append(scored[0])
-    curve = [(epoch, float(np.mean(values))) for epoch, values in sorted(by_epoch.items()) if len(values) == len(runs)]
+    curve = [(epoch, float(np.mean(values))) for epoch, values in sorted(by_epoch.items())
+             if len(values) == len(runs)]
     return ([(0.0, base[0])] if base else []) + curve
 
 
@@ -289,7 +304,8 @@ def figure_groups(groups, names, title, path):
         for ax, key in zip(axes, ("val_loss_low", "val_loss_high")):
             plot_curves(ax, groups[name], key, group_label(groups, name),
                         color="tab:blue" if key.endswith("low") else "tab:red", style=style)
-    for ax, group in zip(axes, ("low-entropy tokens (50% most confident)", "high-entropy tokens (25% least confident)")):
+    for ax, group in zip(axes, ("low-entropy tokens (50% most confident)",
+                                "high-entropy tokens (25% least confident)")):
         ax.set(xlabel="target epoch", ylabel="validation loss (nats/token)", title=group)
         ax.legend()
     fig.suptitle(title)
@@ -383,8 +399,10 @@ def figure_long_horizon(runs, path):
 def base_entropies(config):
     """The base model's entropy cache of a run's target data, and its tokenizer."""
     header = cache_header(config["init_from"], config["target_data"], config["seq_len"])
-    cache_path = config["entropy_cache"] or default_cache_path(config["target_data"], header["model"], config["seq_len"])
-    return load_entropy_cache(cache_path, header, "run train.py once to build it"), load_tokenizer(config["init_from"])
+    cache_path = config["entropy_cache"] or default_cache_path(config["target_data"],
+                                                               header["model"], config["seq_len"])
+    return (load_entropy_cache(cache_path, header, "run train.py once to build it"),
+            load_tokenizer(config["init_from"]))
 
 
 def text_color(rgb):
@@ -430,7 +448,8 @@ def figure_entropy_text(config, path, width=72):
     (whole words, a space in front) show as they are, and a byte-level model's as characters."""
     cache, tokenizer = base_entropies(config)
     windows = read_windows(config["target_data"], "val", config["seq_len"])
-    for index, window in enumerate(windows):  # the first whole document between two end-of-text tokens
+    # the first whole document between two end-of-text tokens
+    for index, window in enumerate(windows):
         ends = np.flatnonzero(window == tokenizer.eos_id)
         if len(ends) >= 2:
             start, stop = ends[0] + 1, ends[1]
@@ -452,9 +471,10 @@ def figure_entropy_text(config, path, width=72):
                     ha="center", va="center", color=text_color(color))
     ax.set(xlim=(0, width * cell), ylim=(-(rows - 1) * 1.25 - 0.6, 0.6), aspect="equal")
     ax.axis("off")
-    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top)), ax=ax, fraction=0.02, pad=0.01,
-                 label="entropy (nats)")
-    ax.set_title("Fig. 2c: a validation problem, each token boxed and shaded by its base-model entropy")
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top)), ax=ax, fraction=0.02,
+                 pad=0.01, label="entropy (nats)")
+    ax.set_title("Fig. 2c: a validation problem, "
+                 "each token boxed and shaded by its base-model entropy")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -467,31 +487,37 @@ def entropy_report(config, figures, top=12):
     and the share of the base model's loss that each group carries."""
     cache, tokenizer = base_entropies(config)
     tokens = read_windows(config["target_data"], "train", config["seq_len"])[:, 1:].ravel()
-    entropy, nll = cache["train_entropy"][:, 1:].numpy().ravel(), cache["train_nll"][:, 1:].numpy().ravel()
+    entropy, nll = (cache["train_entropy"][:, 1:].numpy().ravel(),
+                    cache["train_nll"][:, 1:].numpy().ravel())
     order = np.argsort(entropy, kind="stable")
-    groups = {"low-entropy half": order[:len(order) // 2], "high-entropy quarter": order[len(order) - len(order) // 4:]}
+    groups = {"low-entropy half": order[:len(order) // 2],
+              "high-entropy quarter": order[len(order) - len(order) // 4:]}
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.hist(entropy, bins=60, color="tab:gray")
     for q, name in ((50, "median: the gate at 50%"), (75, "75th percentile")):
-        ax.axvline(np.percentile(entropy, q), color="tab:red" if q == 50 else "tab:orange", lw=1.2, label=name)
-    ax.set(xlabel="entropy under the base model (nats)", ylabel="target training tokens", yscale="log",
-           title="Token entropies of the target data under the base model")
+        ax.axvline(np.percentile(entropy, q), color="tab:red" if q == 50 else "tab:orange", lw=1.2,
+                   label=name)
+    ax.set(xlabel="entropy under the base model (nats)", ylabel="target training tokens",
+           yscale="log", title="Token entropies of the target data under the base model")
     ax.legend()
     fig.tight_layout()
     fig.savefig(figures / "entropy_hist.png", dpi=130)
     plt.close(fig)
     lines = ["## Which tokens are low- and high-entropy", "",
-             f"{len(entropy):,} target training tokens; entropy mean {entropy.mean():.2f} nats, median "
-             f"{np.median(entropy):.2f}, 75th percentile {np.percentile(entropy, 75):.2f}. The base model's loss "
-             f"on them: {nll.mean():.3f} nats per token, of which the low-entropy half carries "
-             f"{nll[groups['low-entropy half']].sum() / nll.sum():.1%} and the high-entropy quarter "
+             f"{len(entropy):,} target training tokens; entropy mean {entropy.mean():.2f} nats, "
+             f"median {np.median(entropy):.2f}, 75th percentile {np.percentile(entropy, 75):.2f}. "
+             f"The base model's loss on them: {nll.mean():.3f} nats per token, of which the "
+             f"low-entropy half carries {nll[groups['low-entropy half']].sum() / nll.sum():.1%} "
+             f"and the high-entropy quarter "
              f"{nll[groups['high-entropy quarter']].sum() / nll.sum():.1%}.", "",
              "![Entropy distribution](figures/entropy_hist.png)", ""]
     for name, where in groups.items():
         ids, counts = np.unique(tokens[where], return_counts=True)
-        rows = [[f"`{tokenizer.decode([int(i)])!r}`", count, f"{entropy[where][tokens[where] == i].mean():.2f}"]
+        rows = [[f"`{tokenizer.decode([int(i)])!r}`", count,
+                 f"{entropy[where][tokens[where] == i].mean():.2f}"]
                 for i, count in sorted(zip(ids, counts), key=lambda ic: -ic[1])[:top]]
-        lines += [f"Most frequent tokens of the {name}:", "", table(["token", "count", "mean entropy"], rows), ""]
+        lines += [f"Most frequent tokens of the {name}:", "",
+                  table(["token", "count", "mean entropy"], rows), ""]
     return lines
 
 
@@ -546,8 +572,8 @@ def per_seed_table(groups, names):
 def gradient_variance(config, gammas, samples, checkpoint=None, seed=0):
     """Empirical variance of the per-window gradient, E||g - E g||^2 over windows and masks, for
     EntroDrop masks that drop each gated token with probability gamma (Eq. 3), at each gamma, with
-    the base model's weights (where continual pre-training starts) or, given a run's ckpt/ folder, the
-    weights it ended with. The same windows and mask draws are used for both. Runs on a GPU when
+    the base model's weights (where continual pre-training starts) or, given a run's ckpt/ folder,
+    the weights it ended with. The same windows and mask draws are used for both. Runs on a GPU when
     there is one. Returns the variances and alpha, the gated share of tokens (Theorem 1's
     sum_t g_t / T), so that the masking rate of each point is gamma * alpha."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -555,13 +581,16 @@ def gradient_variance(config, gammas, samples, checkpoint=None, seed=0):
     if checkpoint is not None:
         load_training_state(checkpoint, model)
     header = cache_header(config["init_from"], config["target_data"], config["seq_len"])
-    cache_path = config["entropy_cache"] or default_cache_path(config["target_data"], header["model"], config["seq_len"])
-    scores = load_entropy_cache(cache_path, header, "run train.py once to build it")["train_entropy"]
+    cache_path = config["entropy_cache"] or default_cache_path(config["target_data"],
+                                                               header["model"], config["seq_len"])
+    scores = load_entropy_cache(cache_path, header,
+                                "run train.py once to build it")["train_entropy"]
     T = config["seq_len"]
     indices = np.random.default_rng(seed).permutation(len(scores))[:samples]
     windows = torch.from_numpy(read_windows(config["target_data"], "train", T, indices)).to(device)
     eligible = gate(scores[indices, :T], config["gate_percentile"], "low")  # (samples, T)
-    alpha = eligible.float().mean().item()  # a little under gate_percentile: the first token is never gated
+    # a little under gate_percentile: the first token is never gated
+    alpha = eligible.float().mean().item()
     generator = torch.Generator().manual_seed(seed)
     variances = []
     for gamma in gammas:
@@ -574,10 +603,13 @@ def gradient_variance(config, gammas, samples, checkpoint=None, seed=0):
             _, loss = model(windows[n - 1:n, :-1], windows[n - 1:n, 1:], fill_mask=mask.to(device))
             loss.backward()
             if mean is None:
-                mean = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64, device=device)
-            delta = torch.cat([p.grad.flatten() for p in model.parameters()]).double().sub_(mean)  # g - old mean
+                mean = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64,
+                                   device=device)
+            # g - old mean
+            delta = torch.cat([p.grad.flatten() for p in model.parameters()]).double().sub_(mean)
             mean.add_(delta, alpha=1 / n)
-            squared_deviations += (1 - 1 / n) * torch.dot(delta, delta).item()  # (g - old mean).(g - new mean)
+            # (g - old mean).(g - new mean)
+            squared_deviations += (1 - 1 / n) * torch.dot(delta, delta).item()
         variances.append(squared_deviations / len(indices))
     return np.array(variances), alpha
 
@@ -592,7 +624,8 @@ def fit_variance(rates, variances):
 
 
 def figure_variance(rates, curves, path):
-    """curves: {weights name: (variances, fit)}; each curve relative to its own unmasked variance."""
+    """curves: {weights name: (variances, fit)}; each curve relative to its own unmasked
+    variance."""
     x, grid = np.asarray(rates), np.linspace(0, max(rates), 200)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, (variances, fit) in curves.items():
@@ -600,7 +633,8 @@ def figure_variance(rates, curves, path):
         dots, = ax.plot(x, variances / v0, "o", label=f"{name}: measured")
         ax.plot(grid, (v0 * (1 - grid) + fit["K"] * grid ** 2) / v0, "-", color=dots.get_color(),
                 label=f"{name}: bound's form V0(1 - x) + K x^2")
-        ax.plot(grid, np.polyval(fit["free"], grid) / v0, ":", color=dots.get_color(), label=f"{name}: free quadratic")
+        ax.plot(grid, np.polyval(fit["free"], grid) / v0, ":", color=dots.get_color(),
+                label=f"{name}: free quadratic")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set(xlabel="masking rate gamma * alpha", ylabel="gradient variance / unmasked variance",
            title="Theorem 1 check: gradient variance under EntroDrop masks")
@@ -656,8 +690,8 @@ def table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
-SUMMARY_HEADER = ["min val loss", "best epoch", "final val loss", "rise after best", "low-entropy loss",
-                  "high-entropy loss", "general val loss"]
+SUMMARY_HEADER = ["min val loss", "best epoch", "final val loss", "rise after best",
+                  "low-entropy loss", "high-entropy loss", "general val loss"]
 
 
 def summary_table(groups, names, first_column="method"):
@@ -675,8 +709,10 @@ def summary_table(groups, names, first_column="method"):
                      f"{col('high_at_best')} → {col('high_final')}",
                      f"{col('general_at_best')} → {col('general_final')}"])
         if accuracy:
-            rows[-1].append(accuracy_cell([accuracy_summary(run)["highest"] for run in groups[name]]))
-    return table([first_column, "seeds", *SUMMARY_HEADER, *(["accuracy (highest export)"] if accuracy else [])], rows)
+            rows[-1].append(accuracy_cell([accuracy_summary(run)["highest"]
+                                           for run in groups[name]]))
+    return table([first_column, "seeds", *SUMMARY_HEADER,
+                  *(["accuracy (highest export)"] if accuracy else [])], rows)
 
 
 def run_midpoint(run):
@@ -709,17 +745,20 @@ def beyond_section(groups, figures, base_model):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Figures and tables from training runs.")
     parser.add_argument("root", help="a folder of runs (e.g. out/demo)")
-    parser.add_argument("--variance_samples", type=int, default=48, help="windows per masking rate (0 = skip)")
+    parser.add_argument("--variance_samples", type=int, default=48,
+                        help="windows per masking rate (0 = skip)")
     args = parser.parse_args(argv)
     groups = load_runs(args.root)
     if "baseline" not in groups:
-        raise FileNotFoundError(f"{args.root} has no finished run folder named 'baseline' (with log.jsonl)")
+        raise FileNotFoundError(f"{args.root} has no finished run folder named 'baseline' "
+                                "(with log.jsonl)")
     figures = Path(args.root) / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     report = [f"# Results from {args.root}", "",
-              "Target validation loss in nats per token; epochs are passes over the scarce target set. "
-              "Low/high: loss on the base model's 50% most / 25% least confident validation tokens, "
-              "at the best epoch → at the last epoch. Mean ± std over seeds where there are several.", ""]
+              "Target validation loss in nats per token; epochs are passes over the scarce target "
+              "set. Low/high: loss on the base model's 50% most / 25% least confident validation "
+              "tokens, at the best epoch → at the last epoch. Mean ± std over seeds where there "
+              "are several.", ""]
 
     base_model = groups.get("entrodrop", groups["baseline"])[0]["config"]["init_from"]
     methods = compared_methods(groups)
@@ -734,14 +773,17 @@ def main(argv=None):
     if rise > 0:  # the groups hold 50% and 25% of the validation targets
         high = np.mean([0.25 * (s["high_final"] - s["high_at_best"]) for s in base]) / rise
         low = np.mean([0.5 * (s["low_final"] - s["low_at_best"]) for s in base]) / rise
-        report += [f"Of the baseline's rise in target validation loss after its best epoch, the high-entropy "
-                   f"quarter of the tokens accounts for {high:.0%} and the low-entropy half for {low:.0%}.", ""]
-    figure_groups(groups, ["baseline"], "Fig. 1c: baseline, loss by base-model entropy group", figures / "fig1c.png")
-    figure_methods(groups, methods, "Fig. 2a: target validation loss, every method", figures / "fig2a.png", base_model)
+        report += [f"Of the baseline's rise in target validation loss after its best epoch, the "
+                   f"high-entropy quarter of the tokens accounts for {high:.0%} and the "
+                   f"low-entropy half for {low:.0%}.", ""]
+    figure_groups(groups, ["baseline"], "Fig. 1c: baseline, loss by base-model entropy group",
+                  figures / "fig1c.png")
+    figure_methods(groups, methods, "Fig. 2a: target validation loss, every method",
+                   figures / "fig2a.png", base_model)
     report += ["![Fig. 1c](figures/fig1c.png)", "", "![Fig. 2a](figures/fig2a.png)", ""]
     if "entrodrop" in groups:
-        figure_groups(groups, ["baseline", "entrodrop"], "Fig. 4: baseline (solid) vs EntroDrop (dashed)",
-                      figures / "fig4.png")
+        figure_groups(groups, ["baseline", "entrodrop"],
+                      "Fig. 4: baseline (solid) vs EntroDrop (dashed)", figures / "fig4.png")
         report += ["![Fig. 4](figures/fig4.png)", ""]
     report += repetition_section(groups, figures)
     if "baseline_long" in groups:
@@ -750,28 +792,34 @@ def main(argv=None):
                    summary_table(groups, ["baseline", "baseline_long"], "run"), "",
                    "![Fig. 1b](figures/fig1b.png)", ""]
     if "entrodrop_fixed" in groups:
-        names = ["baseline", "entrodrop", *sorted(n for n in groups if n.startswith("entrodrop_midpoint")),
+        names = ["baseline", "entrodrop",
+                 *sorted(n for n in groups if n.startswith("entrodrop_midpoint")),
                  "entrodrop_fixed"]
-        figure_methods(groups, names, "Fig. 2b: curriculum vs fixed ratio", figures / "fig2b.png", base_model)
-        report += ["## Curriculum vs fixed ratio (Fig. 2b)", "", summary_table(groups, names, "run"), "",
-                   "![Fig. 2b](figures/fig2b.png)", ""]
-    targeting = [n for n in ("entrodrop_random", "entrodrop_high", "entrodrop", "token_dropout") if n in groups]
+        figure_methods(groups, names, "Fig. 2b: curriculum vs fixed ratio", figures / "fig2b.png",
+                       base_model)
+        report += ["## Curriculum vs fixed ratio (Fig. 2b)", "",
+                   summary_table(groups, names, "run"), "", "![Fig. 2b](figures/fig2b.png)", ""]
+    targeting = [n for n in ("entrodrop_random", "entrodrop_high", "entrodrop", "token_dropout")
+                 if n in groups]
     if "entrodrop_random" in groups or "entrodrop_high" in groups:
         report += ["## Table 3: which tokens to mask", "",
-                   "Random share, high and low entropy gate the same number of tokens (matched expected "
-                   "masking); token dropout over all tokens masks twice as many.", "",
+                   "Random share, high and low entropy gate the same number of tokens (matched "
+                   "expected masking); token dropout over all tokens masks twice as many.", "",
                    summary_table(groups, targeting, "targeting"), ""]
     sweep = sorted((n for n in groups if n.startswith("entrodrop_gamma") or n == "entrodrop"),
                    key=lambda n: groups[n][0]["config"]["gamma_max"])
     if len(sweep) > 1:
         accuracy = any(accuracy_summary(run)["highest"] for n in sweep for run in groups[n])
-        rows = [[f"gamma_max {groups[n][0]['config']['gamma_max']:g}" if n != "baseline" else "baseline",
+        rows = [[(f"gamma_max {groups[n][0]['config']['gamma_max']:g}" if n != "baseline"
+                  else "baseline"),
                  mean_std([summary(r)["best_epoch"] for r in groups[n]], digits=1),
                  mean_std([summary(r)["min_val_loss"] for r in groups[n]]),
-                 *([accuracy_cell([accuracy_summary(r)["highest"] for r in groups[n]])] if accuracy else [])]
+                 *([accuracy_cell([accuracy_summary(r)["highest"] for r in groups[n]])]
+                   if accuracy else [])]
                 for n in ["baseline", *sweep]]
-        report += ["## Table 4: gamma_max", "", table(["run", "best epoch", "min val loss",
-                                                        *(["accuracy (highest export)"] if accuracy else [])], rows), ""]
+        report += ["## Table 4: gamma_max", "",
+                   table(["run", "best epoch", "min val loss",
+                          *(["accuracy (highest export)"] if accuracy else [])], rows), ""]
     report += sweeps_section(groups, swept, figures)
     report += beyond_section(groups, figures, base_model)
     reference = groups.get("entrodrop", groups["baseline"])[0]["config"]
@@ -792,7 +840,8 @@ def main(argv=None):
         ablations = [name for name in ABLATIONS if name in groups]
         report += accuracy_section(groups, [*methods, *ablations], base_model)
         figure_entropy_text(reference, figures / "fig2c.png")
-        report += ["## Fig. 2c: entropy of each token of a validation problem", "", "![Fig. 2c](figures/fig2c.png)", ""]
+        report += ["## Fig. 2c: entropy of each token of a validation problem", "",
+                   "![Fig. 2c](figures/fig2c.png)", ""]
         report += entropy_report(reference, figures)
         if args.variance_samples:
             gammas = np.linspace(0.0, 1.0, 6)  # from no masking to every gated token masked
@@ -801,20 +850,23 @@ def main(argv=None):
                 weights["EntroDrop, last step"] = groups["entrodrop"][0]["folder"] / "ckpt"
             curves = {}
             for name, checkpoint in weights.items():
-                variances, alpha = gradient_variance(reference, gammas, args.variance_samples, checkpoint)
+                variances, alpha = gradient_variance(reference, gammas, args.variance_samples,
+                                                     checkpoint)
                 rates = gammas * alpha  # the same for both sets of weights: same windows, same gate
                 curves[name] = (variances, fit_variance(rates, variances))
             figure_variance(rates, curves, figures / "theorem1.png")
             report += ["## Theorem 1 check: gradient variance against the masking rate", "",
-                       f"{args.variance_samples} target windows per rate, EntroDrop masks "
-                       f"(gate {reference['gate_percentile']:.0%} lowest entropy, so alpha = {alpha:.3f} of "
-                       "the tokens), same windows and draws for each set of weights.", "",
-                       table(["weights", *[f"γα = {r:.3f}" for r in rates], "K (V0)", "lowest at"],
+                       f"{args.variance_samples} target windows per rate, EntroDrop masks (gate "
+                       f"{reference['gate_percentile']:.0%} lowest entropy, so alpha = {alpha:.3f} "
+                       "of the tokens), same windows and draws for each set of weights.", "",
+                       table(["weights", *[f"γα = {r:.3f}" for r in rates], "K (V0)",
+                              "lowest at"],
                              [[name, *[f"{v / variances[0]:.3f}" for v in variances],
                                f"{fit['K']:.4g} ({variances[0]:.4g})", f"{fit['lowest_rate']:.3f}"]
                               for name, (variances, fit) in curves.items()]), "",
-                       "Each row is the variance relative to no masking; K is the fit of the bound's form "
-                       "V0 (1 - x) + K x^2 and 'lowest at' the masking rate with the lowest measured variance.", "",
+                       "Each row is the variance relative to no masking; K is the fit of the "
+                       "bound's form V0 (1 - x) + K x^2 and 'lowest at' the masking rate with the "
+                       "lowest measured variance.", "",
                        "![Theorem 1](figures/theorem1.png)", ""]
     (Path(args.root) / "results.md").write_text("\n".join(report))
     print("\n".join(report))

@@ -32,29 +32,37 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
 
 
 @dataclass
 class ModelConfig:
-    model_type: str = "qwen3"           # "qwen3", "qwen2" (Qwen2 and Qwen2.5) or "llama" (Llama 3.x)
-    attention_bias: bool | None = None  # biases on the q, k and v projections (Qwen2); None: the family's
-    qk_norm: bool | None = None         # RMSNorm over head_dim on each query and key head (Qwen3); likewise
-    vocab_size: int = 151936            # rows of the embedding matrix (may exceed the tokenizer's ids)
+    model_type: str = "qwen3"           # "qwen3", "qwen2" (Qwen2, Qwen2.5) or "llama" (Llama 3.x)
+    attention_bias: bool | None = None  # biases on the q, k and v projections (Qwen2);
+                                        # None: the family's
+    qk_norm: bool | None = None         # RMSNorm over head_dim on each query and key head
+                                        # (Qwen3); likewise
+    vocab_size: int = 151936            # rows of the embedding matrix (may exceed the
+                                        # tokenizer's ids)
     hidden_size: int = 1024             # d, the width of the residual stream
     intermediate_size: int = 3072       # inner width of the SwiGLU MLP
     num_hidden_layers: int = 28         # number of transformer blocks
     num_attention_heads: int = 16       # query heads
-    num_key_value_heads: int = 8        # key/value heads; fewer than query heads = grouped-query attention
-    head_dim: int = 128                 # width of one head; Qwen3 sets it apart from hidden_size / heads
+    num_key_value_heads: int = 8        # key/value heads; fewer than query heads =
+                                        # grouped-query attention
+    head_dim: int = 128                 # width of one head; Qwen3 sets it apart from
+                                        # hidden_size / heads
     max_position_embeddings: int = 40960  # longest sequence the checkpoint was trained for
     rope_theta: float = 1e6             # RoPE base: 1e6 for Qwen, 5e5 for Llama 3
-    rope_scaling: dict | None = None    # Llama 3.1/3.2: the "llama3" factors (LLAMA3_ROPE_KEYS); else None
+    rope_scaling: dict | None = None    # Llama 3.1/3.2: the "llama3" factors (LLAMA3_ROPE_KEYS);
+                                        # else None
     rms_norm_eps: float = 1e-6          # 1e-6 for Qwen, 1e-5 for Llama 3
     tie_word_embeddings: bool = True    # the output head reuses the input embedding matrix
     bos_token_id: int | None = None     # carried through to the exported config.json
     eos_token_id: int | list | None = None  # likewise
-    dropout: float = 0.0                # hidden dropout on attention weights and both residual branches
+    dropout: float = 0.0                # hidden dropout on attention weights and both residual
+                                        # branches
 
     # The attention of each family. model_type decides both flags when reading a config.json: it
     # has no qk_norm key, and its attention_bias is not ours (HF's Qwen3 and Llama would bias o_proj
@@ -67,36 +75,47 @@ class ModelConfig:
         # A flag left out takes its family's value, so a config written with model_type alone
         # (a preset's scratch_model, a test's) builds the family's attention; an unknown
         # model_type, refused on loading and saving, gets neither.
-        family = self.ATTENTION_BY_FAMILY.get(self.model_type, dict(attention_bias=False, qk_norm=False))
+        family = self.ATTENTION_BY_FAMILY.get(self.model_type,
+                                              dict(attention_bias=False, qk_norm=False))
         for flag, value in family.items():
             if getattr(self, flag) is None:
                 setattr(self, flag, value)
 
 
-_QWEN3 = dict(model_type="qwen3", attention_bias=False, qk_norm=True, vocab_size=151936, head_dim=128,
-              rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960, num_key_value_heads=8)
-_QWEN25 = dict(model_type="qwen2", attention_bias=True, qk_norm=False, vocab_size=151936, rope_theta=1e6,
-               rms_norm_eps=1e-6, num_key_value_heads=2)
+_QWEN3 = dict(model_type="qwen3", attention_bias=False, qk_norm=True, vocab_size=151936,
+              head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960,
+              num_key_value_heads=8)
+_QWEN25 = dict(model_type="qwen2", attention_bias=True, qk_norm=False, vocab_size=151936,
+               rope_theta=1e6, rms_norm_eps=1e-6, num_key_value_heads=2)
 _LLAMA3 = dict(model_type="llama", attention_bias=False, qk_norm=False, vocab_size=128256,
-               rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072, num_key_value_heads=8,
-               head_dim=128)
-_LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-_SMOLLM2 = dict(model_type="llama", attention_bias=False, qk_norm=False, vocab_size=49152, rope_theta=1e5,
-                rms_norm_eps=1e-5, max_position_embeddings=8192, num_key_value_heads=3, head_dim=64)
+               rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               num_key_value_heads=8, head_dim=128)
+_LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+_SMOLLM2 = dict(model_type="llama", attention_bias=False, qk_norm=False, vocab_size=49152,
+                rope_theta=1e5, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                num_key_value_heads=3, head_dim=64)
 
 # The released shapes, for benchmarks and for checking a config.json by eye.
-MODEL_SIZES = {name: ModelConfig(**{**family, **extra}, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
-                                 num_attention_heads=heads, tie_word_embeddings=tied)
+MODEL_SIZES = {name: ModelConfig(**{**family, **extra}, hidden_size=d, intermediate_size=ffn,
+                                 num_hidden_layers=layers, num_attention_heads=heads,
+                                 tie_word_embeddings=tied)
                for name, family, d, ffn, layers, heads, tied, extra in (
     #                d      ffn    layers heads  tied
     ("Qwen3-0.6B",   _QWEN3,  1024,  3072, 28, 16, True,  {}),
     ("Qwen3-1.7B",   _QWEN3,  2048,  6144, 28, 16, True,  {}),
     ("Qwen3-8B",     _QWEN3,  4096, 12288, 36, 32, False, {}),
-    ("Qwen2.5-0.5B", _QWEN25,  896,  4864, 24, 14, True,  dict(head_dim=64, max_position_embeddings=32768)),
-    ("Qwen2.5-1.5B", _QWEN25, 1536,  8960, 28, 12, True,  dict(head_dim=128, max_position_embeddings=131072)),
-    ("Llama-3.1-8B", _LLAMA3, 4096, 14336, 32, 32, False, dict(rope_scaling=dict(factor=8.0, **_LLAMA3_ROPE))),
-    ("Llama-3.2-1B", _LLAMA3, 2048,  8192, 16, 32, True,  dict(head_dim=64, rope_scaling=dict(factor=32.0, **_LLAMA3_ROPE))),
-    ("Llama-3.2-3B", _LLAMA3, 3072,  8192, 28, 24, True,  dict(rope_scaling=dict(factor=32.0, **_LLAMA3_ROPE))),
+    ("Qwen2.5-0.5B", _QWEN25,  896,  4864, 24, 14, True,  dict(head_dim=64,
+                                                               max_position_embeddings=32768)),
+    ("Qwen2.5-1.5B", _QWEN25, 1536,  8960, 28, 12, True,  dict(head_dim=128,
+                                                               max_position_embeddings=131072)),
+    ("Llama-3.1-8B", _LLAMA3, 4096, 14336, 32, 32, False, dict(rope_scaling=dict(factor=8.0,
+                                                                                 **_LLAMA3_ROPE))),
+    ("Llama-3.2-1B", _LLAMA3, 2048,  8192, 16, 32, True,  dict(head_dim=64,
+                                                               rope_scaling=dict(factor=32.0,
+                                                                                 **_LLAMA3_ROPE))),
+    ("Llama-3.2-3B", _LLAMA3, 3072,  8192, 28, 24, True,  dict(rope_scaling=dict(factor=32.0,
+                                                                                 **_LLAMA3_ROPE))),
     ("SmolLM2-135M", _SMOLLM2,  576,  1536, 30,  9, True,  {}),
 )}
 
@@ -106,12 +125,14 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
     level, `torch_dtype`) or what transformers >= 5 writes (`rope_parameters`, `dtype`)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported; this loader reads "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3, Qwen2/Qwen2.5, Llama 3.x)")
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
+                         f"this loader reads {', '.join(SUPPORTED_MODEL_TYPES)} "
+                         "(Qwen3, Qwen2/Qwen2.5, Llama 3.x)")
     for key, allowed in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                          ("use_sliding_window", False)):
         # Qwen2 always has q/k/v biases, whatever attention_bias says; the others must have none.
-        if key in hf and hf[key] != allowed and not (key == "attention_bias" and model_type == "qwen2"):
+        if key in hf and hf[key] != allowed and not (key == "attention_bias"
+                                                     and model_type == "qwen2"):
             raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (expected {allowed!r})")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in hf]
@@ -121,7 +142,8 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
     scaling = hf.get("rope_scaling") or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (expected 'default' or 'llama3')")
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported "
+                         "(expected 'default' or 'llama3')")
     if rope_type == "llama3" and any(k not in scaling for k in LLAMA3_ROPE_KEYS):
         raise ValueError(f"{source}: llama3 rope scaling needs the keys {LLAMA3_ROPE_KEYS}")
     known = {f.name for f in fields(ModelConfig)} - {"rope_theta", "rope_scaling", "dropout",
@@ -129,17 +151,20 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
     config = ModelConfig(**{k: hf[k] for k in known if k in hf and hf[k] is not None},
                          **ModelConfig.ATTENTION_BY_FAMILY[model_type])
     config.rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
-    config.rope_scaling = {k: scaling[k] for k in LLAMA3_ROPE_KEYS} if rope_type == "llama3" else None
+    config.rope_scaling = ({k: scaling[k] for k in LLAMA3_ROPE_KEYS} if rope_type == "llama3"
+                           else None)
     config.num_key_value_heads = hf.get("num_key_value_heads") or config.num_attention_heads
     config.head_dim = hf.get("head_dim") or config.hidden_size // config.num_attention_heads
-    config.tie_word_embeddings = bool(hf.get("tie_word_embeddings", False))  # HF's default for all three
+    # HF's default for all three
+    config.tie_word_embeddings = bool(hf.get("tie_word_embeddings", False))
     return config
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     """(head_dim // 2,) rotation speeds theta^(-2i/d), with Llama 3's rescaling of the slow ones."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+    inv_freq = 1.0 / (config.rope_theta
+                      ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
     if config.rope_scaling is None:
         return inv_freq
     # "llama3": wavelengths beyond the original context are stretched by `factor`, short ones are
@@ -148,9 +173,11 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     context = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > context / s["low_freq_factor"], inv_freq / s["factor"], inv_freq)
-    smooth = (context / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smooth = ((context / wavelen - s["low_freq_factor"])
+              / (s["high_freq_factor"] - s["low_freq_factor"]))
     smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
-    medium = (wavelen >= context / s["high_freq_factor"]) & (wavelen <= context / s["low_freq_factor"])
+    medium = ((wavelen >= context / s["high_freq_factor"])
+              & (wavelen <= context / s["low_freq_factor"]))
     return torch.where(medium, smoothed, scaled)
 
 
@@ -194,7 +221,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads,
+                                                      config.num_key_value_heads, hd)
         self.q_proj = nn.Linear(d, self.n_head * hd, bias=config.attention_bias)
         self.k_proj = nn.Linear(d, self.n_kv_head * hd, bias=config.attention_bias)
         self.v_proj = nn.Linear(d, self.n_kv_head * hd, bias=config.attention_bias)
@@ -219,8 +247,10 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)
         # Training and prompts are causal; one new token attends to everything cached before it.
         # (`cache is None` first: a plain bool even when torch.compile traces T as a symbol.)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and (cache is None or T > 1),
-                                           enable_gqa=True, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None and (cache is None or T > 1),
+                                           enable_gqa=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -251,21 +281,22 @@ class Block(nn.Module):
 
 def chunk_softmax(logits, targets, probs_out=None):
     """The numerically safe softmax of one chunk of the output head, shared by the fused loss and
-    the entropy pass. logits (n, vocab) float32, shifted in place by each row's peak; targets (n,) ->
-    probs (n, vocab) = softmax x total, written into probs_out, or over the logits themselves when
-    there is none; total (n, 1); nll (n,) = log-sum-exp minus the target's logit; and, when probs_out
-    left the shifted logits to spare, the entropy (n,) in nats (else None)."""
+    the entropy pass. logits (n, vocab) float32, shifted in place by each row's peak;
+    targets (n,) -> probs (n, vocab) = softmax x total, written into probs_out, or over the logits
+    themselves when there is none; total (n, 1); nll (n,) = log-sum-exp minus the target's logit;
+    and, when probs_out left the shifted logits to spare, the entropy (n,) in nats (else None)."""
     target_logit = logits.gather(1, targets[:, None])                         # (n, 1)
     peak = logits.amax(dim=-1, keepdim=True)                                  # (n, 1)
-    shifted = logits.sub_(peak)                                               # log of softmax x total
+    shifted = logits.sub_(peak)                                               # log(softmax x total)
     probs = torch.exp(shifted, out=probs_out) if probs_out is not None else shifted.exp_()
     total = probs.sum(dim=-1, keepdim=True)                                   # (n, 1)
     nll = (peak + total.log() - target_logit).squeeze(1)                      # log-sum-exp - target
     entropy = None
     if probs_out is not None:
-        # With p = probs / total, log p = shifted - log(total): H = log(total) - sum(probs shifted) /
-        # total. The shifted logits stand in for log p (no log per vocabulary entry, the costliest
-        # step on a CPU), and are used up by the product, in place, leaving probs as they are.
+        # With p = probs / total, log p = shifted - log(total):
+        # H = log(total) - sum(probs shifted) / total. The shifted logits stand in for log p (no
+        # log per vocabulary entry, the costliest step on a CPU), and are used up by the product,
+        # in place, leaving probs as they are.
         entropy = (total.log() - shifted.mul_(probs).sum(dim=-1, keepdim=True) / total).squeeze(1)
     return probs, total, nll, entropy
 
@@ -278,8 +309,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     With with_entropy, each position's entropy under the current weights comes out too (N,), at
     the cost of a dot product per row (train.py's online scores); otherwise None. H = log-sum-exp
     minus the softmax's mean logit, and that mean is h . (p @ weight), where p @ weight is a term
-    of the gradient of h, computed anyway: (p - onehot) @ weight. So H = nll - h . (dlogits @ weight),
-    with no second pass over the (n, vocab) probabilities."""
+    of the gradient of h, computed anyway: (p - onehot) @ weight. So
+    H = nll - h . (dlogits @ weight), with no second pass over the (n, vocab) probabilities."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, with_entropy):
@@ -290,7 +321,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if with_entropy and not want_grad:
-            raise ValueError("with_entropy comes from the gradient's terms: call it with gradients enabled")
+            raise ValueError("with_entropy comes from the gradient's terms: "
+                             "call it with gradients enabled")
         entropy = torch.empty(N, device=hidden.device) if with_entropy else None
         for start in range(0, N, rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
@@ -301,14 +333,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             if want_grad:
                 dlogits = probs.div_(total)                               # softmax
                 dlogits[torch.arange(len(t), device=t.device), t] -= 1.0  # minus onehot
-                dlogits = dlogits.to(matmul_dtype)  # once here, not by autocast in each matmul below
+                dlogits = dlogits.to(matmul_dtype)  # once here, not by autocast per matmul below
                 grad_h = dlogits @ weight                                 # (n, d)
                 if with_entropy:
                     entropy[start:start + rows] = nll - (h.float() * grad_h.float()).sum(dim=-1)
                 grad_hidden[start:start + rows] = grad_h / N
                 part = (dlogits.T @ (h / N)).float()  # 1/N on the small factor, not on (vocab, d)
                 grad_weight = part if grad_weight is None else grad_weight.add_(part)
-        ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype  # results, not inputs: on ctx
+        # results, not inputs: on ctx
+        ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype
         if with_entropy:
             ctx.mark_non_differentiable(entropy)
         return loss / N, entropy
@@ -318,7 +351,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None  # freed as soon as autograd is done with them
         # In place, since a fresh (vocab, d) tensor costs a page fault per 4 KB on a CPU.
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None
+        return (grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype),
+                None, None, None)
 
 
 @torch.no_grad()
@@ -333,7 +367,7 @@ def head_statistics(hidden, weight, targets, rows):
     probs_buffer = torch.empty(rows, weight.shape[0], device=hidden.device)
     for start in range(0, len(hidden), rows):
         h = hidden[start:start + rows]
-        logits = torch.matmul(h, weight.T, out=logits_buffer[:len(h)]).float()  # a copy only if bf16
+        logits = torch.matmul(h, weight.T, out=logits_buffer[:len(h)]).float()  # copy only if bf16
         _, _, nll[start:start + rows], entropy[start:start + rows] = chunk_softmax(
             logits, targets[start:start + rows], probs_buffer[:len(h)])
     return entropy, nll
@@ -355,13 +389,15 @@ class Transformer(nn.Module):
         # saved in training checkpoints, never exported as a weight (Appendix A.3).
         self.register_buffer("fill_embedding", torch.zeros(config.hidden_size))
         # Recompute each block in backward instead of keeping its activations (train.py's
-        # --activation_checkpointing): a block's input is all that is kept, at the cost of a second forward.
+        # --activation_checkpointing): a block's input is all that is kept, at the cost of a
+        # second forward.
         self.activation_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
-        """Random weights for training from scratch: N(0, 0.02) matrices, zero biases, unit norms."""
+        """Random weights for training from scratch: N(0, 0.02) matrices, zero biases, unit
+        norms."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
@@ -375,7 +411,8 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6 per matmul weight plus attention (PaLM, appendix B)."""
         c = self.config
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        return (6 * matmul_params
+                + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len)
 
     def body(self, idx, fill_mask=None, embedding_noise=None, caches=None, pad_lengths=None):
         """idx (B, T) -> final-normed hidden states (B, T, d), before the output head.
@@ -386,23 +423,26 @@ class Transformer(nn.Module):
         first real token, so a padded row computes what it would alone."""
         # Tied weights: a sparse gradient adds straight into the head's dense one, instead of a
         # zero-filled (vocab, d) copy plus a full add (a sixth of a CPU step at vocab 151,936).
-        x = F.embedding(idx, self.embed_tokens.weight, sparse=self.config.tie_word_embeddings)  # (B, T, d)
+        x = F.embedding(idx, self.embed_tokens.weight,
+                        sparse=self.config.tie_word_embeddings)  # (B, T, d)
         if fill_mask is not None:
             x = torch.where(fill_mask[..., None], self.fill_embedding.to(x.dtype), x)  # Eq. (1)
         if embedding_noise is not None:
             x = x + embedding_noise
         start = caches[0].length if caches else 0
-        slots = torch.arange(start, start + idx.shape[1], device=idx.device)  # (T,) places in the row
+        slots = torch.arange(start, start + idx.shape[1], device=idx.device)  # (T,) places in row
         positions, mask = slots[None], None                                    # (1, T)
         if pad_lengths is not None:
             positions = (slots[None] - pad_lengths[:, None]).clamp(min=0)     # (B, T)
             keys = torch.arange(start + idx.shape[1], device=idx.device)      # (keys,)
             # (B, 1, T, keys): causal, and no query sees padding, except a padding slot itself (a
             # query that may attend to nothing gives NaN, which would spread through the cache).
-            mask = (keys <= slots[:, None]) & ((keys >= pad_lengths[:, None, None]) | (keys == slots[:, None]))
+            mask = (keys <= slots[:, None]) & ((keys >= pad_lengths[:, None, None])
+                                               | (keys == slots[:, None]))
             mask = mask[:, None]
         freqs = positions[..., None].float() * self.inv_freq  # (B or 1, T, head_dim / 2)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B or 1, T, 1, head_dim), split halves
+        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B or 1, T, 1, head_dim),
+                                                                # split halves
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -411,13 +451,14 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, caches[i] if caches else None, mask)
         return self.norm(x)
 
-    def forward(self, idx, targets=None, fill_mask=None, embedding_noise=None, per_token=False, caches=None,
-                pad_lengths=None, with_entropy=False):
+    def forward(self, idx, targets=None, fill_mask=None, embedding_noise=None, per_token=False,
+                caches=None, pad_lengths=None, with_entropy=False):
         """idx (B, T) ->
         - logits (B, T, vocab);
         - with targets (B, T): (None, mean cross-entropy), the loss fused with the output head, so
           training never materializes the full logits (see LinearCrossEntropy); with_entropy (in
-          training): the entropy of every position's next-token distribution (B, T) in place of None;
+          training): the entropy of every position's next-token distribution (B, T) in place of
+          None;
         - with targets and per_token: (entropy, nll), each (B, T) float32: the next-token
           distribution's entropy and the actual target's loss at every position (head_statistics);
         - with caches (generation, see body): the logits of the last position only, (B, vocab).
@@ -435,22 +476,23 @@ class Transformer(nn.Module):
             head = self.lm_head.weight
             if torch.is_autocast_enabled(device):
                 head = head.to(torch.get_autocast_dtype(device))
-            entropy, nll = head_statistics(flat.to(head.dtype), head, targets, self.head_chunk_rows(len(flat), 2))
+            entropy, nll = head_statistics(flat.to(head.dtype), head, targets,
+                                           self.head_chunk_rows(len(flat), 2))
             return entropy.view(idx.shape), nll.view(idx.shape)
         loss, entropy = LinearCrossEntropy.apply(flat, self.lm_head.weight, targets,
                                                  self.head_chunk_rows(len(flat)), with_entropy)
         return (entropy.view(idx.shape) if with_entropy else None), loss
 
     def head_chunk_rows(self, n_rows, buffers=1):
-        """Rows per chunk when the output head runs over n_rows positions: at most 512 MB in all for
-        `buffers` fp32 (rows, vocab) tensors at a time, in equal chunks (a short last chunk would run
-        its matmul slowly)."""
+        """Rows per chunk when the output head runs over n_rows positions: at most 512 MB in all
+        for `buffers` fp32 (rows, vocab) tensors at a time, in equal chunks (a short last chunk
+        would run its matmul slowly)."""
         max_rows = max(1, 2**27 // (buffers * self.config.vocab_size))
         return -(-n_rows // -(-n_rows // max_rows))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, eos_id=None, generator=None, pad_lengths=None,
-                 finished_rows=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, eos_id=None, generator=None,
+                 pad_lengths=None, finished_rows=None):
         """Extend idx (B, T) by up to max_new_tokens, greedily (temperature 0) or by sampling,
         with a KV cache. Prompts of different lengths are left-padded, with pad_lengths (B,)
         saying by how much (see body). A row ends when it emits eos_id, or when finished_rows,
@@ -498,17 +540,20 @@ class Transformer(nn.Module):
         with torch.device("meta"):  # no memory is spent on weights that are about to be replaced
             model = cls(config)
         checkpoint = _read_safetensors(folder, str(device))
-        expected = {cls.hf_name(n): p.shape for n, p in model.named_parameters()}  # tied: one shared weight
+        # tied: one shared weight
+        expected = {cls.hf_name(n): p.shape for n, p in model.named_parameters()}
         missing = sorted(expected.keys() - checkpoint.keys())
         # A tied checkpoint may still carry lm_head.weight: tying follows the config, not the file.
         redundant = {"lm_head.weight"} if config.tie_word_embeddings else set()
         unexpected = sorted(checkpoint.keys() - expected.keys() - redundant)
         if missing or unexpected:
-            raise ValueError(f"{folder}: tensors do not match a {config.model_type} model with this "
-                             f"config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(f"{folder}: tensors do not match a {config.model_type} model with "
+                             f"this config.json: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
         for name, shape in expected.items():
             if checkpoint[name].shape != shape:
-                raise ValueError(f"{folder}: tensor {name} has shape {tuple(checkpoint[name].shape)}, "
+                raise ValueError(f"{folder}: tensor {name} has shape "
+                                 f"{tuple(checkpoint[name].shape)}, "
                                  f"expected {tuple(shape)} from config.json")
         state = {n: checkpoint[cls.hf_name(n)].to(dtype=dtype) for n, _ in model.named_parameters()}
         model.load_state_dict(state, strict=False, assign=True)
@@ -527,7 +572,8 @@ class Transformer(nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         weights = weights if weights is not None else dict(self.named_parameters())
-        tensors = {self.hf_name(n): weights[n].detach().contiguous().cpu() for n, _ in self.named_parameters()}
+        tensors = {self.hf_name(n): weights[n].detach().contiguous().cpu()
+                   for n, _ in self.named_parameters()}
         shards, size = [{}], 0
         for name, tensor in tensors.items():
             nbytes = tensor.numel() * tensor.element_size()
@@ -560,10 +606,13 @@ class Transformer(nn.Module):
                              f"{ModelConfig.ATTENTION_BY_FAMILY[c.model_type]}")
         hf = {k: v for k, v in asdict(c).items()
               if k not in ("dropout", "rope_scaling", "attention_bias", "qk_norm")}
-        architecture = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+        architecture = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                        "llama": "LlamaForCausalLM"}
         hf.update(architectures=[architecture[c.model_type]], hidden_act="silu",
-                  rope_scaling=dict(rope_type="llama3", **c.rope_scaling) if c.rope_scaling else None,
-                  torch_dtype=str(self.embed_tokens.weight.dtype).removeprefix("torch."), use_cache=True)
+                  rope_scaling=(dict(rope_type="llama3", **c.rope_scaling) if c.rope_scaling
+                                else None),
+                  torch_dtype=str(self.embed_tokens.weight.dtype).removeprefix("torch."),
+                  use_cache=True)
         if not c.attention_bias:  # Qwen2 always has q/k/v biases and no such key
             hf["attention_bias"] = False
         return hf
@@ -575,7 +624,8 @@ def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-export the checkpoint") from None
+        raise ValueError(f"{path} is not valid JSON ({e}); "
+                         "re-download or re-export the checkpoint") from None
 
 
 def _write_json(path: Path, obj):
@@ -585,14 +635,16 @@ def _write_json(path: Path, obj):
 
 
 def replace_durably(temporary, path):
-    """Move a file or folder, just written whole under a temporary name (with the writer's pid in it,
-    so that two writers never share one), onto path: readers and crashes then see the old version
-    or the new one, never a mixture. Its files are forced to disk first (a rename can reach the
-    disk before the data it names) and given the user's umask (safetensors makes them private)."""
+    """Move a file or folder, just written whole under a temporary name (with the writer's pid in
+    it, so that two writers never share one), onto path: readers and crashes then see the old
+    version or the new one, never a mixture. Its files are forced to disk first (a rename can
+    reach the disk before the data it names) and given the user's umask (safetensors makes them
+    private)."""
     temporary = Path(temporary)
     umask = os.umask(0)
     os.umask(umask)
-    for file in [temporary] if temporary.is_file() else sorted(p for p in temporary.rglob("*") if p.is_file()):
+    for file in ([temporary] if temporary.is_file()
+                 else sorted(p for p in temporary.rglob("*") if p.is_file())):
         os.chmod(file, 0o666 & ~umask)
         descriptor = os.open(file, os.O_RDONLY)
         try:
@@ -603,17 +655,20 @@ def replace_durably(temporary, path):
 
 
 def _read_safetensors(folder: Path, device: str) -> dict:
-    """Every tensor of a checkpoint folder: one model.safetensors or the shards named in the index."""
+    """Every tensor of a checkpoint folder: one model.safetensors or the shards named in the
+    index."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no 'weight_map' object; re-download or re-export the checkpoint")
+            raise ValueError(f"{index} has no 'weight_map' object; "
+                             "re-download or re-export the checkpoint")
         files = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor "
+                                "model.safetensors.index.json")
     tensors = {}
     for name in files:
         if not (folder / name).is_file():
@@ -622,7 +677,7 @@ def _read_safetensors(folder: Path, device: str) -> dict:
             with safe_open(str(folder / name), framework="pt", device=device) as f:
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
-        except Exception as e:  # safetensors reports truncation and corruption as its own error type
+        except Exception as e:  # safetensors reports truncation, corruption as its own error type
             raise ValueError(f"{folder / name} is not a readable safetensors file ({e}); "
                              "it may be truncated: re-download or re-export it") from None
     return tensors
