@@ -501,6 +501,32 @@ class RunLog:
         self.lines += 1
 
 
+def start_log(c, out_dir, master, resumed, midpoint):
+    """config.json, and the run log: a fresh one opens with the settings (and a j0 read off a
+    baseline); a resumed one keeps the records its checkpoint counted."""
+    if master:
+        write_durably(out_dir / "config.json", json.dumps(asdict(c), indent=1) + "\n")
+    run_log = RunLog(out_dir / "log.jsonl", master, resumed["log_lines"] if resumed else 0)
+    if not resumed:
+        run_log.write({"kind": "config", **asdict(c)})
+        if isinstance(c.curriculum_midpoint, str) and midpoint is not None:
+            run_log.write({"kind": "curriculum", "midpoint": midpoint})
+            if master:
+                print(f"curriculum midpoint j0 = epoch {midpoint:.2f}, "
+                      f"from {c.curriculum_midpoint}")
+    return run_log
+
+
+def log_step(run_log, master, max_steps, record):
+    """A training record in the log, and its line on the console."""
+    run_log.write({"kind": "train", **record})
+    if master:
+        print(f"step {record['step']}/{max_steps} epoch {record['epoch']:.2f} "
+              f"loss {record['train_loss']:.4f} lr {record['lr']:.2e} "
+              f"gamma_max(j) {record['gamma_max_j']:.3f} grad_norm {record['grad_norm']:.3f} "
+              f"{record['tokens_per_sec']:,.0f} tok/s")
+
+
 def to_device(tensor, device):
     """To the GPU from page-locked memory without blocking: a copy from ordinary memory would wait
     for all queued GPU work, leaving the GPU idle while the next micro-batch is prepared."""
@@ -597,16 +623,7 @@ def main(argv):
         best, evaluations = resumed["best"], resumed["evaluations"]
         if master:
             print(f"resuming from {ckpt_dir} at step {loader.step}")
-    if master:
-        write_durably(out_dir / "config.json", json.dumps(asdict(c), indent=1) + "\n")
-    run_log = RunLog(out_dir / "log.jsonl", master, resumed["log_lines"] if resumed else 0)
-    if not resumed:
-        run_log.write({"kind": "config", **asdict(c)})
-        if isinstance(c.curriculum_midpoint, str) and midpoint is not None:
-            run_log.write({"kind": "curriculum", "midpoint": midpoint})
-            if master:
-                print(f"curriculum midpoint j0 = epoch {midpoint:.2f}, "
-                      f"from {c.curriculum_midpoint}")
+    run_log = start_log(c, out_dir, master, resumed, midpoint)
 
     # ---- the loop
     accumulation = c.global_batch_size // (c.micro_batch_size * cluster.world_size)
@@ -703,15 +720,11 @@ def main(argv):
             if (step + 1) % c.log_interval == 0:
                 mfu = (flops_per_token * tokens_per_sec / (peak * cluster.world_size) if peak
                        else None)
-                run_log.write({"kind": "train", "step": step + 1, "epoch": loader.epoch, "lr": lr,
-                               "gamma_max_j": ceiling, "gamma": gamma,
-                               "mask_rate": stats[1].item() / max(1.0, stats[2].item()),
-                               "train_loss": train_loss, "grad_norm": grad_norm,
-                               "tokens_per_sec": tokens_per_sec, "mfu": mfu})
-                if master:
-                    print(f"step {step + 1}/{max_steps} epoch {loader.epoch:.2f} "
-                          f"loss {train_loss:.4f} lr {lr:.2e} gamma_max(j) {ceiling:.3f} "
-                          f"grad_norm {grad_norm:.3f} {tokens_per_sec:,.0f} tok/s")
+                log_step(run_log, master, max_steps, {
+                    "step": step + 1, "epoch": loader.epoch, "lr": lr, "gamma_max_j": ceiling,
+                    "gamma": gamma, "mask_rate": stats[1].item() / max(1.0, stats[2].item()),
+                    "train_loss": train_loss, "grad_norm": grad_norm,
+                    "tokens_per_sec": tokens_per_sec, "mfu": mfu})
     except KeyboardInterrupt:
         raise TrainingStopped(interrupted_message(loader.step, saved_step)) from None
     if master:
