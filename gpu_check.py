@@ -134,7 +134,7 @@ def main(argv=None):
                  "--checkpoint_interval=2 --general_eval_windows=2",
                  "REAL_EVAL=--limit 4 --max_new_tokens 8 --batch_size 4",
                  "REAL_VARIANCE=2"] if args.dry else ["SEEDS_REAL=1 2 3"]
-        status, seconds = run_step(real, out / "real.txt", timeout=1200 if args.dry else 300)
+        status, seconds = run_step(real, out / "real.txt", timeout=2400 if args.dry else 300)
         steps.append(("real model", status, seconds, f"{out / 'real' / 'results.md'}"))
     else:
         steps.append(("real model", "skipped", 0.0,
