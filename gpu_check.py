@@ -133,7 +133,8 @@ def main(argv=None):
                  "REAL_ARGS=--max_steps=2 --eval_interval=2 --export_every=1 "
                  "--checkpoint_interval=2 --general_eval_windows=2",
                  "REAL_EVAL=--limit 4 --max_new_tokens 8 --batch_size 4",
-                 "REAL_VARIANCE=2"] if args.dry else ["SEEDS_REAL=1 2 3"]
+                 "REAL_VARIANCE=2", "REAL_BEYOND=entrodrop_online entrodrop_patience"] \
+            if args.dry else ["SEEDS_REAL=1 2 3"]
         status, seconds = run_step(real, out / "real.txt", timeout=2400 if args.dry else 300)
         steps.append(("real model", status, seconds, f"{out / 'real' / 'results.md'}"))
     else:
