@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from checkpoint import read_train_state
 from entropy import build_entropy_cache, cache_header, load_entropy_cache
 from model import ModelConfig, Transformer
-from test_model import TINY, hf_model
+from test_model import TINY, hf_model, training_step
 # workspace: the shared fixture
 from test_train import ROOT, args_for, records, run, workspace  # noqa: F401
 
@@ -39,14 +39,6 @@ def test_logits_match_transformers_on_cuda_in_fp32_and_under_bf16_autocast(tmp_p
     assert (ours_bf16 - exact).abs().max() <= 2 * (theirs_bf16 - exact).abs().max() + 1e-3
 
 
-def step(model, idx, targets, fill_mask):
-    model.zero_grad(set_to_none=True)
-    _, loss = model(idx, targets, fill_mask=fill_mask)
-    loss.backward()
-    return loss.item(), {name.removeprefix("_orig_mod."): p.grad.clone()
-                         for name, p in model.named_parameters()}
-
-
 def test_compiled_training_step_on_cuda_is_one_graph_with_the_eager_gradients():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**TINY)).to(CUDA)
@@ -55,9 +47,9 @@ def test_compiled_training_step_on_cuda_is_one_graph_with_the_eager_gradients():
     explanation = torch._dynamo.explain(model)(idx, targets, fill_mask=fill_mask)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), \
         explanation.break_reasons
-    eager_loss, eager_grads = step(model, idx, targets, fill_mask)
+    eager_loss, eager_grads = training_step(model, idx, targets, fill_mask)
     # Inductor, Triton kernels.
-    compiled_loss, compiled_grads = step(torch.compile(model), idx, targets, fill_mask)
+    compiled_loss, compiled_grads = training_step(torch.compile(model), idx, targets, fill_mask)
     assert abs(compiled_loss - eager_loss) <= 1e-5 * abs(eager_loss)
     for name, grad in eager_grads.items():
         assert torch.allclose(compiled_grads[name], grad, rtol=1e-4, atol=1e-6), name
