@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
 
 import parallel
@@ -100,12 +101,14 @@ def test_two_ranks_match_one_process_with_twice_the_accumulation(workspace, tmp_
 
 
 def final_state(out_dir, base):
-    """A run's checkpoint as one dictionary: its train_state.pt, and under "model" the weights, read
-    back into a model of the base checkpoint's shape."""
+    """A run's checkpoint as one dictionary: its train_state.pt, under "model" the weights, read
+    back into a model of the base checkpoint's shape, and under "saved" the top-level names
+    torch.distributed.checkpoint holds ("model", "optimizer")."""
     state = read_train_state(Path(out_dir) / "ckpt")
     model = Transformer.from_pretrained(base)
     load_training_state(Path(out_dir) / "ckpt", model)
-    return {**state, "model": model.state_dict()}
+    saved = FileSystemReader(Path(out_dir) / "ckpt").read_metadata().state_dict_metadata
+    return {**state, "model": model.state_dict(), "saved": {key.split(".")[0] for key in saved}}
 
 
 @pytest.mark.parametrize("method", ["entrodrop", "hidden_dropout", "entrodrop_online"])
@@ -133,12 +136,14 @@ def test_resume_after_sigkill_is_bitwise_identical(workspace, tmp_path, method):
     process.wait()
     killed = final_state(interrupted, workspace / "base")
     assert not killed["finished"] and killed["loader"]["step"] == 60
+    assert killed["saved"] == {"model", "optimizer"}
 
     result = run(args_for(workspace, interrupted, **extra, resume=True))
     assert "resuming from" in result.stdout
     whole, resumed = (final_state(tmp_path / "whole", workspace / "base"),
                       final_state(interrupted, workspace / "base"))
     assert resumed["finished"]
+    assert resumed["saved"] == {"model"}  # a finished run is never resumed: no AdamW moments
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     if method == "entrodrop_online":
