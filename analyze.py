@@ -390,7 +390,7 @@ def figure_long_horizon(runs, path):
             accuracy_ax.plot(*zip(*curve), "o-", color="tab:green", label="answer accuracy")
         accuracy_ax.set_ylabel("answer accuracy")
         accuracy_ax.legend(loc="lower right")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left")  # the curve climbs to the right after its turn
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
