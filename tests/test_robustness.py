@@ -355,17 +355,22 @@ def test_sigint_says_in_one_line_how_many_steps_will_be_redone(workspace, tmp_pa
 # ---- 7. resuming with another micro-batch -----------------------------------------------------
 
 def test_resume_with_another_micro_batch_continues_the_run(workspace, tmp_path):
-    settings = dict(method="entrodrop", max_steps=30, eval_interval=10, checkpoint_interval=15)
+    # Killed past its first checkpoint (step 15), with 40 steps to go, so that on busy cores the run
+    # cannot finish before the kill lands.
+    settings = dict(method="entrodrop", max_steps=60, eval_interval=10, checkpoint_interval=15)
     run(args_for(workspace, tmp_path / "whole", **settings))
     out = tmp_path / "split"
     process = start(args_for(workspace, out, **settings))
     wait_for_step(out, 17, process)
     process.kill()
     process.wait()
+    assert not read_train_state(out / "ckpt")["finished"]
     resumed = run(args_for(workspace, out, **settings, micro_batch_size=4, resume=True))
     assert "resuming from" in resumed.stdout
     whole, split = records(tmp_path / "whole", "train"), records(out, "train")
     # The same masks: keyed by window.
     assert [r["mask_rate"] for r in whole] == [r["mask_rate"] for r in split]
+    # Another micro-batch sums the same gradients in another order: fp32 rounding that grows to
+    # about 1e-5 over the 45 resumed steps; the losses of different batches differ by tenths.
     for a, b in zip(whole, split):
-        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-4
