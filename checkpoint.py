@@ -103,10 +103,11 @@ def save_training_state(folder: Path, model, optimizer, train_state, cluster):
         shutil.rmtree(fresh, ignore_errors=True)  # left by a save that was killed
     if cluster.distributed:
         dist.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state}
-    if not train_state["finished"]:
-        state["optimizer"] = optimizer_state
+    if train_state["finished"]:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
     with single_process_quietly():
         dcp.save(state, checkpoint_id=fresh, no_dist=not cluster.distributed)
     if cluster.master:
