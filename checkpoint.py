@@ -10,7 +10,8 @@ Everything a training run writes to disk, and how it survives a crash:
     out_dir/best/, epochs/N/  exports: Hugging Face folders with the tokenizer files
 
 Each is written whole under a temporary name, forced to disk and renamed into place, so a crash at
-any moment leaves the previous version usable. Nothing random is saved: every draw of the run comes
+any moment leaves the previous version usable (tidy_out_dir puts it back if the crash fell between
+the two renames of swap_in). Nothing random is saved: every draw of the run comes
 from (seed, step, ...) (dropout.py, and train.py's per-step seed for hidden dropout), which is what
 lets a run resume exactly, or on another number of ranks.
 """
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from model import replace_durably
+from model import make_durable, replace_durably
 
 HELD_LOCKS = []  # the open lock file of this process's run (see lock_out_dir)
 
@@ -74,13 +75,35 @@ def write_durably(path, text):
 
 
 def swap_in(fresh: Path, folder: Path):
-    """Put a folder written whole under a temporary name in place of folder: the earlier one is
-    moved aside first and deleted last, so a crash leaves one of the two, never a mixture."""
+    """Put a folder written whole under a temporary name in place of folder. Its files reach the
+    disk first; then the earlier folder is renamed aside, the fresh one into place, and the earlier
+    one deleted. A crash leaves one of the two whole, never a mixture: between the two renames,
+    only the one aside (see tidy_out_dir)."""
     stale = folder.with_name(f".{folder.name}.old.{os.getpid()}")
+    make_durable(fresh)
     if folder.exists():
         os.replace(folder, stale)
-    replace_durably(fresh, folder)
+    os.replace(fresh, folder)
     shutil.rmtree(stale, ignore_errors=True)
+
+
+def tidy_out_dir(out_dir: Path):
+    """Clear what a killed writer left in out_dir, by the run that now holds its lock, before
+    anything reads it: a folder that swap_in had renamed aside (.ckpt.old.<pid>) is put back where
+    nothing took its place (the newest, should there be more), and every other temporary (.ckpt.step<N>, .best.new.<pid>,
+    log.jsonl.<pid>.tmp, and the like under epochs/) is deleted."""
+    for parent in (out_dir, out_dir / "epochs"):
+        if not parent.is_dir():
+            continue
+        for stale in sorted(parent.glob(".*.old.*"), key=lambda p: -p.stat().st_mtime):
+            folder = parent / stale.name[1:].rpartition(".old.")[0]
+            if folder.exists():
+                shutil.rmtree(stale)
+            else:
+                os.replace(stale, folder)
+                print(f"{folder} restored from {stale.name}: a run was killed while replacing it")
+        for leftover in [*parent.glob(".*.new.*"), *parent.glob(".*.step*"), *parent.glob("*.tmp")]:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
 def read_train_state(folder: Path):
@@ -147,8 +170,16 @@ def load_training_state(folder: Path, model, optimizer=None):
     model_state, optimizer_state = (get_state_dict(model, optimizer) if optimizer
                                     else (model.state_dict(), None))
     state = {"model": model_state, **({"optimizer": optimizer_state} if optimizer else {})}
-    with single_process_quietly():
-        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    try:
+        if not (folder / ".metadata").is_file():  # else torch logs a traceback before it fails
+            raise FileNotFoundError(f"no file {folder / '.metadata'}")
+        with single_process_quietly():
+            dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    # CheckpointException (a damaged shard) derives from BaseException, not Exception
+    except (Exception, dcp.api.CheckpointException) as e:
+        raise ValueError(f"{folder} holds no readable model and optimizer state "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it to "
+                         "start this run over") from None
     if optimizer:
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])

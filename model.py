@@ -634,23 +634,26 @@ def _write_json(path: Path, obj):
     replace_durably(temporary, path)
 
 
-def replace_durably(temporary, path):
-    """Move a file or folder, just written whole under a temporary name (with the writer's pid in
-    it, so that two writers never share one), onto path: readers and crashes then see the old
-    version or the new one, never a mixture. Its files are forced to disk first (a rename can
-    reach the disk before the data it names) and given the user's umask (safetensors makes them
-    private)."""
-    temporary = Path(temporary)
+def make_durable(path):
+    """Force a file, or every file of a folder, to disk and give it the user's umask (safetensors
+    makes files private): a rename can reach the disk before the data it names."""
+    path = Path(path)
     umask = os.umask(0)
     os.umask(umask)
-    for file in ([temporary] if temporary.is_file()
-                 else sorted(p for p in temporary.rglob("*") if p.is_file())):
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
         os.chmod(file, 0o666 & ~umask)
         descriptor = os.open(file, os.O_RDONLY)
         try:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def replace_durably(temporary, path):
+    """Move a file or folder, just written whole under a temporary name (with the writer's pid in
+    it, so that two writers never share one), onto path: readers and crashes then see the old
+    version or the new one, never a mixture."""
+    make_durable(temporary)
     os.replace(temporary, path)
 
 

@@ -29,7 +29,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from checkpoint import (export, interrupts_held, load_training_state, lock_out_dir,
-                        read_train_state, save_training_state, write_durably)
+                        read_train_state, save_training_state, tidy_out_dir, write_durably)
 from data.loader import MixtureLoader, load_meta, read_windows, verify_checksums
 from dropout import (HIDDEN_DROPOUT, TARGETING_MODES, draw_gamma, neftune_noise, refresh_scores,
                      row_scores, seed_for, token_dropout_mask)
@@ -368,11 +368,13 @@ def peak_flops(device):
 # ---- the seams of main: claiming the folder, an earlier run, the model and data, the entropies
 
 def claim_out_dir(out_dir, cluster):
-    """Rank 0 locks out_dir (checkpoint.lock_out_dir); if it cannot, every rank stops."""
+    """Rank 0 locks out_dir (checkpoint.lock_out_dir) and clears what a killed run left there
+    (tidy_out_dir); if it cannot lock it, every rank stops."""
     refusal = None
     if cluster.master:
         try:
             lock_out_dir(out_dir)
+            tidy_out_dir(out_dir)
         except ValueError as e:
             refusal = str(e)
     if cluster.distributed:
