@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data.loader import load_meta, read_windows
+from data.loader import load_meta, read_windows, verify_checksums
 from model import replace_durably
 
 CACHE_FORMAT = "entrodrop-entropy-v1"
@@ -106,11 +106,13 @@ def load_entropy_cache(path, header, rebuild_hint) -> dict:
 def build_entropy_cache(model, target_data, seq_len, path, header, batch_size, rank=0,
                         world_size=1):
     """Run the model over every window of target_data's train and val splits, ranks taking every
-    world_size-th window, and write the cache (rank 0). Under autocast if the caller set one."""
+    world_size-th window, and write the cache (rank 0). Under autocast if the caller set one.
+    A token id outside the model's vocabulary is an error that names its file."""
     device = next(model.parameters()).device
     tensors = {}
     for split in ("train", "val"):
-        windows = torch.from_numpy(read_windows(target_data, split, seq_len))  # (n, seq_len + 1)
+        windows = torch.from_numpy(read_windows(target_data, split, seq_len,  # (n, seq_len + 1)
+                                                vocab_size=model.config.vocab_size))
         share = -(-len(windows) // world_size)
         mine = windows[rank::world_size]
         # Every rank runs as many forward passes (each gathers weights from all ranks under FSDP):
@@ -133,15 +135,19 @@ def build_entropy_cache(model, target_data, seq_len, path, header, batch_size, r
                                                                 scores[..., 1].contiguous())
     if rank == 0:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        temporary = f"{path}.{os.getpid()}.tmp"
-        save_file(tensors, temporary, metadata=header)
-        replace_durably(temporary, path)
+        temporary = Path(f"{path}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(temporary), metadata=header)
+            replace_durably(temporary, path)
+        finally:  # a failed or interrupted write leaves no partial file beside the cache
+            temporary.unlink(missing_ok=True)
     if world_size > 1:
         dist.barrier()
 
 
-def main():
+def main(argv=None):
     from model import Transformer
+    from tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(
         description="Build the entropy cache of a base model over target data.")
@@ -153,7 +159,14 @@ def main():
     parser.add_argument("--entropy_cache", default="",
                         help="output path (default: inside target_data)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # Checked before anything loads: 0 would divide by zero or step a range by zero later.
+    if args.seq_len < 1:
+        raise ValueError(f"--seq_len {args.seq_len} is below 1: give the window length training "
+                         "will use (train.py's seq_len)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size} is below 1: give the number of windows "
+                         "per forward pass (default 8; fewer use less memory)")
     gpu = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if gpu else "cpu")
     if gpu:
@@ -165,6 +178,13 @@ def main():
     # As train.py builds it: fp32 weights, under bf16 autocast on a GPU, so that both give one
     # cache.
     model = Transformer.from_pretrained(args.init_from, device=device).eval()
+    if args.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq_len {args.seq_len} exceeds the model's max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
+    # The checks of train.py's path: the data fits the model's tokenizer and vocabulary, and its
+    # files still have the sha256 in meta.json that the cache is keyed on.
+    load_meta(args.target_data, load_tokenizer(args.init_from), model.config.vocab_size)
+    verify_checksums(args.target_data)
     header = cache_header(args.init_from, args.target_data, args.seq_len)
     path = args.entropy_cache or default_cache_path(args.target_data, header["model"], args.seq_len)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):

@@ -171,7 +171,7 @@ def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, 
     import json
     import os
 
-    from data.loader import DatasetWriter
+    from data.loader import DatasetWriter, load_meta
     from model import replace_durably
     from tokenizer import load_tokenizer
 
@@ -180,9 +180,15 @@ def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, 
                 "n_test": n_test, "n_pool": n_pool, "python": sys.version.split()[0],
                 "tokenizer": tokenizer.fingerprint}
     folders = {name: Path(out) / name for name in ("math", "math_pool", "general_base", "general")}
-    if all((f / "meta.json").exists()
-           and json.loads((f / "meta.json").read_text())["source"] == settings
-           for f in folders.values()) and (folders["math"] / "test.jsonl").exists():
+
+    def written_with_these_settings(folder):
+        try:
+            return load_meta(folder)["source"] == settings
+        except (FileNotFoundError, ValueError):  # absent, damaged or truncated: written again
+            return False
+
+    if all(map(written_with_these_settings, folders.values())) \
+            and (folders["math"] / "test.jsonl").exists():
         print(f"{out}: the demo data for these settings already exists; reusing it")
         return
     splits = make_splits(seed, n_train, n_val, n_test, n_pool)
@@ -207,7 +213,7 @@ def write_demo_data(out: str, seed: int, n_train: int, n_val: int, n_test: int, 
                                  for p in splits["test"]))
     replace_durably(temporary, test_path)
     for name, folder in folders.items():
-        counts = json.loads((folder / "meta.json").read_text())["splits"]
+        counts = load_meta(folder)["splits"]
         print(f"{folder}: " + ", ".join(f"{s} {c['documents']:,} documents / {c['tokens']:,} tokens"
                                         for s, c in counts.items()))
 

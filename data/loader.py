@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -94,25 +95,70 @@ class DatasetWriter:
         replace_durably(self._temporary("meta.json"), self.folder / "meta.json")
 
 
+PREPARE_AGAIN = "prepare the data again (python data/prepare.py or python data/embedded.py)"
+
+# Every key that a reader of meta.json takes, what it must hold, and the test of that: a file that
+# parses but was edited by hand or written by another program is refused by key where it is read,
+# not met later as a KeyError or TypeError by whichever reader takes the key first.
+META_KEYS = {
+    "source": ("an object", lambda v: isinstance(v, dict)),
+    "splits.train": ("an object", lambda v: isinstance(v, dict)),
+    "splits.val": ("an object", lambda v: isinstance(v, dict)),
+    "tokenizer.name": ("a string", lambda v: isinstance(v, str)),
+    "tokenizer.fingerprint": ("a string", lambda v: isinstance(v, str)),
+}
+# The same for each split; `type(v) is int` because json's true and false are ints to isinstance.
+SPLIT_KEYS = {
+    "tokens": ("a whole number >= 0", lambda v: type(v) is int and v >= 0),
+    "documents": ("a whole number >= 0", lambda v: type(v) is int and v >= 0),
+    "max_token_id": ("a whole number >= -1", lambda v: type(v) is int and v >= -1),
+    "sha256": ("64 lowercase hex digits",
+               lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None),
+}
+
+
+def check_meta_shape(path, meta: dict):
+    """Raise a ValueError naming the first key of META_KEYS or SPLIT_KEYS (as splits.train.tokens)
+    that meta lacks or holds a value of the wrong kind in."""
+    splits = meta.get("splits") if isinstance(meta.get("splits"), dict) else {}
+    rules = {**META_KEYS, **{f"splits.{split}.{key}": rule
+                             for split in splits for key, rule in SPLIT_KEYS.items()}}
+    for name, (expected, valid) in rules.items():
+        keys, value = name.split("."), meta
+        for depth, key in enumerate(keys):
+            if not isinstance(value, dict):  # e.g. "tokenizer": "byte"
+                raise ValueError(f"{path}: {'.'.join(keys[:depth])} is {value!r}, expected an "
+                                 f"object; {PREPARE_AGAIN}")
+            if key not in value:
+                raise ValueError(f"{path} has no {'.'.join(keys[:depth + 1])!r} (expected "
+                                 f"{expected if depth == len(keys) - 1 else 'an object'}); "
+                                 f"{PREPARE_AGAIN}")
+            value = value[key]
+        if not valid(value):
+            raise ValueError(f"{path}: {name} is {value!r}, expected {expected}; {PREPARE_AGAIN}")
+
+
 def load_meta(folder, tokenizer=None, vocab_size=None) -> dict:
-    """Read folder/meta.json, and check the data against it (file sizes) and against the model's
-    tokenizer and vocabulary."""
+    """Read folder/meta.json, and check its shape, the data against it (file sizes) and it against
+    the model's tokenizer and vocabulary. Every reader of meta.json goes through here."""
     path = Path(folder) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: prepare the data first "
                                 "(python data/prepare.py ... or python data/embedded.py ...)")
     try:
         meta = json.loads(path.read_text())
-        splits = meta["splits"]
-        sizes = {split: 4 * splits[split]["tokens"] for split in ("train", "val")}
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    except ValueError as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} is not a valid meta.json ({type(e).__name__}: {e}); "
                          "prepare the data again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, expected an object; "
+                         f"{PREPARE_AGAIN}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; "
                          "prepare the data again")
-    for split, size in sizes.items():
-        file = Path(folder) / f"{split}.bin"
+    check_meta_shape(path, meta)
+    for split in ("train", "val"):
+        file, size = Path(folder) / f"{split}.bin", 4 * meta["splits"][split]["tokens"]
         if not file.is_file() or file.stat().st_size != size:
             found = f"{file.stat().st_size:,} bytes" if file.is_file() else "no file"
             raise ValueError(f"{file}: meta.json records {size // 4:,} tokens ({size:,} bytes), "

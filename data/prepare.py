@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from data.loader import DatasetWriter  # noqa: E402
+from data.loader import DatasetWriter, load_meta  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "assistant": "Assistant",
@@ -151,7 +151,7 @@ def main(argv=None):
             documents += 1
         if documents == 0:  # raised inside the writer, so no empty dataset is left behind
             raise ValueError(f"--input {path} holds only blank lines, no records")
-    meta = json.loads((Path(args.out) / "meta.json").read_text())
+    meta = load_meta(args.out)
     for split, counts in meta["splits"].items():
         print(f"{args.out}/{split}.bin: {counts['documents']:,} documents, "
               f"{counts['tokens']:,} tokens")

@@ -22,7 +22,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from data import prepare
 from data.embedded import format_problem, make_splits, write_demo_data
-from data.loader import Batch, DatasetWriter, MixtureLoader, load_meta, read_windows
+from data.loader import (Batch, DatasetWriter, MixtureLoader, load_meta, read_windows,
+                         verify_checksums)
 from tokenizer import load_tokenizer
 
 BYTE = load_tokenizer("byte")
@@ -312,6 +313,54 @@ def test_load_meta_refuses_data_the_model_cannot_read(bpe_folder, tmp_path):
         load_meta(folder)
 
 
+MISSING = object()
+# A meta.json that parses but was edited by hand or written by another program: (key, its new
+# value or MISSING, what the error says after the path).
+WRONG_SHAPES = [
+    ("tokenizer", MISSING, " has no 'tokenizer' (expected an object)"),
+    ("tokenizer", "byte", ": tokenizer is 'byte', expected an object"),
+    ("tokenizer.fingerprint", 7, ": tokenizer.fingerprint is 7, expected a string"),
+    ("splits.val", MISSING, " has no 'splits.val' (expected an object)"),
+    ("splits", [], ": splits is [], expected an object"),
+    ("splits.train.tokens", MISSING,
+     " has no 'splits.train.tokens' (expected a whole number >= 0)"),
+    ("splits.train.tokens", "5", ": splits.train.tokens is '5', expected a whole number >= 0"),
+    ("splits.train.tokens", True, ": splits.train.tokens is True, expected a whole number >= 0"),
+    ("splits.val.max_token_id", MISSING,
+     " has no 'splits.val.max_token_id' (expected a whole number >= -1)"),
+    ("splits.train.sha256", MISSING, " has no 'splits.train.sha256' (expected 64 lowercase hex"),
+    ("splits.train.sha256", None, ": splits.train.sha256 is None, expected 64 lowercase hex"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", WRONG_SHAPES,
+                         ids=[f"{k}={'missing' if v is MISSING else repr(v)}"
+                              for k, v, _ in WRONG_SHAPES])
+def test_meta_json_of_the_wrong_shape_is_named_by_key_by_every_reader(tmp_path, key, value,
+                                                                     message):
+    folder = tmp_path / "data"
+    write_random_folder(folder, 3, 20, seed=0)
+    meta = json.loads((folder / "meta.json").read_text())
+    *parents, last = key.split(".")
+    inner = meta
+    for parent in parents:
+        inner = inner[parent]
+    if value is MISSING:
+        del inner[last]
+    else:
+        inner[last] = value
+    (folder / "meta.json").write_text(json.dumps(meta))
+    readers = {"load_meta": lambda: load_meta(folder, BYTE, BYTE.vocab_size),
+               "verify_checksums": lambda: verify_checksums(folder),
+               "MixtureLoader": lambda: MixtureLoader(folder, folder, SEQ_LEN, 2, 2, 0.5, 0)}
+    for name, read in readers.items():
+        with pytest.raises(ValueError) as error:
+            read()
+        assert str(error.value).startswith(f"{folder / 'meta.json'}{message}"), (name, error.value)
+        assert str(error.value).endswith("prepare the data again (python data/prepare.py or "
+                                         "python data/embedded.py)"), name
+
+
 # ---------------------------------------------------------------------------
 # MixtureLoader
 # ---------------------------------------------------------------------------
@@ -571,6 +620,27 @@ def test_loader_configuration_errors(folders, tmp_path):
     assert all(only_target.next_batch()[0].target_rows)
 
 
+def test_loader_refuses_token_ids_beyond_the_vocabulary_naming_the_file(folders, tmp_path):
+    """The training read path checks each window it reads, not only meta.json's max_token_id: the
+    files may have changed since (an id past the embedding is an IndexError on a CPU and a
+    device-side assert on a GPU)."""
+    # Random bytes: ids up to 255 in most windows, and 256 (end-of-text).
+    only_target = make_loader(folders, target_ratio=1.0, vocab_size=200)
+    with pytest.raises(ValueError, match=re.escape(f"{folders['target']}/train.bin") +
+                       r" holds token id 2\d\d in window \d+, but the model's vocabulary has 200 "
+                       "rows; prepare the data again with the model's tokenizer"):
+        only_target.next_batch()
+    general = tmp_path / "general"
+    with DatasetWriter(general, BYTE, {"test": "beyond"}) as writer:
+        writer.add("train", [7] * 30 + [300] + [7] * 30)  # 62 tokens: 7 windows, id 300 in window 3
+        writer.add("val", [7])
+    mixed = MixtureLoader(folders["target"], general, SEQ_LEN, 10, 5, 0.6, 1, vocab_size=257)
+    with pytest.raises(ValueError, match=re.escape(f"{general}/train.bin") +
+                       " holds token id 300 in window 3, but the model's vocabulary has 257 rows"):
+        for _ in range(2):  # 4 general rows a step: every window within two steps
+            mixed.next_batch()
+
+
 # ---------------------------------------------------------------------------
 # The CPU demo's embedded data
 # ---------------------------------------------------------------------------
@@ -635,3 +705,14 @@ def test_demo_data_is_reused_for_the_same_settings_and_rewritten_otherwise(demo,
     assert load_meta(out / "math")["source"]["seed"] == 1
     train = [format_problem(p) for p in make_splits(**{**DEMO, "seed": 1})["train"]]
     assert decoded(out / "math", "train", BYTE) == train != demo["documents"]["math", "train"]
+
+
+def test_demo_data_with_a_damaged_meta_json_is_written_again(tmp_path, capsys):
+    write_demo_data(str(tmp_path), **DEMO)
+    meta = json.loads((tmp_path / "general" / "meta.json").read_text())
+    del meta["source"]
+    (tmp_path / "general" / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    write_demo_data(str(tmp_path), **DEMO)
+    assert "reusing" not in capsys.readouterr().out
+    assert load_meta(tmp_path / "general")["source"]["seed"] == DEMO["seed"]

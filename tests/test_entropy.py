@@ -1,8 +1,12 @@
 """entropy.py: per-token entropy and NLL against a brute-force softmax over transformers' logits,
 the chunked output head, the cache file (its contents, float16 dtype and alignment with the
 loader's windows), its refusal of a cache built from another model, other data or another
-window length, and the checkpoint fingerprint."""
+window length, the checkpoint fingerprint, the file on disk (permissions, concurrent and failed
+writes), and the command line's one-line refusals of bad settings and of data that does not fit
+the model."""
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -13,6 +17,7 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import entropy
 from data.loader import DatasetWriter, read_windows
 from entropy import (build_entropy_cache, cache_header, checkpoint_fingerprint, default_cache_path,
                      load_entropy_cache, token_entropies)
@@ -114,14 +119,16 @@ def test_bfloat16_autocast_entropies_stay_close_to_float32():
 
 # ---- the cache ----------------------------------------------------------------------------------
 
-def save_checkpoint(folder, seed):
+def save_checkpoint(folder, seed, vocab_size=257):
+    """A tiny model with the byte tokenizer, as entropy.py's command line reads a checkpoint."""
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(vocab_size=257, hidden_size=32, intermediate_size=48,
+    model = Transformer(ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
                                     num_hidden_layers=1, num_attention_heads=2,
                                     num_key_value_heads=1, head_dim=16,
                                     max_position_embeddings=64))
     sharpen(model.norm, 10.0)
     model.save_pretrained(folder)
+    load_tokenizer("byte").save(folder)
 
 
 def prepare_target(folder, seed):
@@ -181,7 +188,7 @@ def test_two_ranks_build_the_same_cache_as_one_process(tmp_path):
                     "--nproc_per_node=2", str(Path(__file__).parents[1] / "entropy.py"),
                     "--init_from", str(checkpoint), "--target_data", str(target),
                     "--seq_len", str(SEQ_LEN), "--entropy_cache", str(two_rank_path),
-                    "--batch_size", "3"], check=True, capture_output=True)
+                    "--batch_size", "3"], check=True, capture_output=True, timeout=600)
     one, two = (load_entropy_cache(path, header, "rebuild it"),
                 load_entropy_cache(two_rank_path, header, "rebuild it"))
     assert sorted(one) == sorted(two)
@@ -217,3 +224,129 @@ def test_checkpoint_fingerprint_follows_the_weights(tmp_path):
         model.layers[0].mlp.up_proj.weight[3, 5] += 1e-3
     model.save_pretrained(tmp_path)
     assert checkpoint_fingerprint(tmp_path) != fingerprint
+
+
+# ---- bad input: one line that says what and how --------------------------------------------------
+
+ENTROPY_PY = str(Path(__file__).parents[1] / "entropy.py")
+
+
+@pytest.mark.parametrize("option, expected", [
+    ("--seq_len", "error: --seq_len 0 is below 1: give the window length training will use "
+                  "(train.py's seq_len)"),
+    ("--batch_size", "error: --batch_size 0 is below 1: give the number of windows per forward "
+                     "pass (default 8; fewer use less memory)"),
+], ids=["seq_len", "batch_size"])
+def test_command_line_refuses_a_window_or_batch_of_zero_in_one_line(tmp_path, option, expected):
+    # Not a ZeroDivisionError or range() traceback from deep inside.
+    checkpoint, target = tmp_path / "base", tmp_path / "target"
+    save_checkpoint(checkpoint, 0)
+    prepare_target(target, 0)
+    settings = {"--init_from": checkpoint, "--target_data": target, "--seq_len": SEQ_LEN,
+                option: 0}
+    result = subprocess.run([sys.executable, ENTROPY_PY,
+                             *(str(x) for item in settings.items() for x in item)],
+                            capture_output=True, text=True, timeout=600)
+    assert (result.returncode, result.stderr.strip()) == (1, expected)
+    assert list(target.glob("entropy_*")) == []
+
+
+def test_command_line_checks_the_data_as_training_does(tmp_path):
+    """The data's tokenizer and vocabulary against the model's, its files against the sha256 in
+    meta.json, and meta.json's shape; each refusal writes no cache."""
+    checkpoint, target = tmp_path / "base", tmp_path / "target"
+    prepare_target(target, 0)
+    cache = tmp_path / "cache.safetensors"
+    arguments = ["--init_from", str(checkpoint), "--target_data", str(target),
+                 "--seq_len", str(SEQ_LEN), "--entropy_cache", str(cache)]
+
+    save_checkpoint(checkpoint, 0, vocab_size=200)  # the byte tokenizer's end-of-text is id 256
+    with pytest.raises(ValueError, match=re.escape(f"{target}/train.bin holds token id 256, but "
+                                                   "the model's vocabulary has 200 rows")):
+        entropy.main(arguments)
+
+    save_checkpoint(checkpoint, 0)
+    tokens = (target / "train.bin").read_bytes()
+    (target / "train.bin").write_bytes(tokens[4:8] + tokens[:4] + tokens[8:])  # same size
+    with pytest.raises(ValueError, match=re.escape(f"{target / 'train.bin'} does not match the "
+                                                   "sha256 in its meta.json")):
+        entropy.main(arguments)
+
+    (target / "train.bin").write_bytes(tokens)
+    meta = json.loads((target / "meta.json").read_text())
+    del meta["splits"]["val"]["sha256"]
+    (target / "meta.json").write_text(json.dumps(meta))
+    missing = re.escape(f"{target / 'meta.json'} has no 'splits.val.sha256' (expected 64 lowercase "
+                        "hex digits); prepare the data again (python data/prepare.py")
+    with pytest.raises(ValueError, match=missing):
+        entropy.main(arguments)
+    with pytest.raises(ValueError, match=missing):
+        cache_header(checkpoint, target, SEQ_LEN)
+    assert not cache.exists()
+
+
+def test_cache_build_refuses_token_ids_beyond_the_model_vocabulary(tmp_path):
+    """Called directly, as train.py does: an id past the embedding would be an IndexError on a
+    CPU and a device-side assert on a GPU."""
+    target = tmp_path / "target"
+    prepare_target(target, 0)
+    model = Transformer(ModelConfig(vocab_size=200, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=64)).eval()
+    path = tmp_path / "cache.safetensors"
+    with pytest.raises(ValueError, match=re.escape(f"{target / 'train.bin'} holds token id 256 in "
+                                                   "window 2, but the model's vocabulary has 200 "
+                                                   "rows")):
+        build_entropy_cache(model, target, SEQ_LEN, path, {"format": "test"}, batch_size=4)
+    assert not path.exists()
+
+
+# ---- the cache file on disk ----------------------------------------------------------------------
+
+def test_cache_file_follows_the_umask_and_a_failed_write_leaves_no_partial_file(tmp_path,
+                                                                               monkeypatch):
+    checkpoint, target = tmp_path / "base", tmp_path / "target"
+    save_checkpoint(checkpoint, 0)
+    prepare_target(target, 0)
+    header = cache_header(checkpoint, target, SEQ_LEN)
+    model = Transformer.from_pretrained(checkpoint).eval()
+    path = tmp_path / "cache.safetensors"
+    previous = os.umask(0o027)
+    try:
+        build_entropy_cache(model, target, SEQ_LEN, path, header, batch_size=8)
+    finally:
+        os.umask(previous)
+    # 0666 less the umask, as any file the user writes: not safetensors' private 0600.
+    assert path.stat().st_mode & 0o777 == 0o640
+    written = path.read_bytes()
+
+    def full_disk(tensors, filename, metadata):
+        Path(filename).write_bytes(b"half a cache")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(entropy, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        build_entropy_cache(model, target, SEQ_LEN, path, header, batch_size=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "cache.safetensors", "target"]
+    assert path.read_bytes() == written  # the earlier cache, whole
+
+
+def test_two_builds_of_one_cache_at_once_leave_one_readable_cache(tmp_path):
+    """Two runs started together on the same data and model both find no cache and both build it:
+    each writes under a name of its own and renames, so the cache is one of the two, whole."""
+    checkpoint, target = tmp_path / "base", tmp_path / "target"
+    save_checkpoint(checkpoint, 0)
+    prepare_target(target, 0)
+    path = tmp_path / "cache" / "entropy.safetensors"
+    command = [sys.executable, ENTROPY_PY, "--init_from", str(checkpoint), "--target_data",
+               str(target), "--seq_len", str(SEQ_LEN), "--entropy_cache", str(path),
+               "--batch_size", "1"]
+    builds = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    for build in builds:
+        _, stderr = build.communicate(timeout=600)
+        assert build.returncode == 0, stderr[-3000:]
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
+    header = cache_header(checkpoint, target, SEQ_LEN)
+    assert sorted(load_entropy_cache(path, header, "rebuild it")) == \
+        ["train_entropy", "train_nll", "val_entropy", "val_nll"]

@@ -61,7 +61,7 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_is_unt
         train.main(args_for(workspace, tmp_path / "shared", **settings, learning_rate=1e-3,
                             min_lr=1e-3))
     assert time.time() - began < 1.0  # at once: before anything is loaded
-    first.communicate()
+    first.communicate(timeout=600)
     assert first.returncode == 0
     for kind in ("config", "train", "eval"):
         alone, shared = records(tmp_path / "alone", kind), records(tmp_path / "shared", kind)
@@ -85,13 +85,13 @@ def test_orphaned_workers_of_a_killed_torchrun_cannot_race_a_resume(workspace, t
     try:
         wait_for_step(out, 6, launcher)
         launcher.send_signal(signal.SIGKILL)  # torch does not stop the workers of a killed launcher
-        launcher.wait()
+        launcher.wait(timeout=60)
         holder = int(re.match(r"pid (\d+)", (out / ".lock").read_text())[1])
         os.kill(holder, 0)  # rank 0 still runs, an orphan
         resumed = run(args + ["--resume=True"], check=False)
         assert resumed.returncode == 1 and f"is in use by pid {holder} " in resumed.stderr
     finally:  # the orphans: each worker runs in a session of its own
-        subprocess.run(["pkill", "-9", "-f", f"out_dir={out}"])
+        subprocess.run(["pkill", "-9", "-f", f"out_dir={out}"], timeout=60)
 
 
 # ---- 2. every number is checked where it enters -----------------------------------------------
@@ -338,9 +338,12 @@ def test_sigint_says_in_one_line_how_many_steps_will_be_redone(workspace, tmp_pa
     out = tmp_path / "run"
     process = start(args_for(workspace, out, method="baseline", max_steps=10**6, eval_interval=0,
                              checkpoint_interval=5))
-    wait_for_step(out, 8, process)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate()
+    try:
+        wait_for_step(out, 8, process)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=600)
+    finally:  # a run of 10**6 steps left behind by a failed wait would never end
+        process.kill()  # nothing once it has exited
     assert process.returncode == 1, (process.returncode, stdout[-2000:], stderr[-2000:])
     saved = read_train_state(out / "ckpt")["loader"]["step"]
     # After the entropy cache's progress bar, if it was built.
