@@ -836,9 +836,9 @@ def main(argv=None):
                "Each seed's own numbers behind the means ± std above, in seed order.", "",
                per_seed_table(groups, list(every_setting)), ""]
 
+    ablations = [name for name in ABLATIONS if name in groups]
+    report += accuracy_section(groups, [*methods, *ablations], base_model)
     if reference["init_from"] != "scratch":
-        ablations = [name for name in ABLATIONS if name in groups]
-        report += accuracy_section(groups, [*methods, *ablations], base_model)
         figure_entropy_text(reference, figures / "fig2c.png")
         report += ["## Fig. 2c: entropy of each token of a validation problem", "",
                    "![Fig. 2c](figures/fig2c.png)", ""]

@@ -291,3 +291,59 @@ def test_the_report_compares_online_scores_and_automatic_midpoints(tmp_path):
     assert "EntroDrop, j0 read off the baseline (auto:): 8.50" in section
     assert "EntroDrop, j0 by patience (no baseline): none found" in section
     assert (tmp_path / "figures" / "beyond.png").exists()
+
+
+def test_scored_exports_add_accuracy_to_the_tables_and_beside_the_loss(tmp_path, monkeypatch):
+    """With scores.json beside the exports (evaluate.py), the tables gain the accuracy of the
+    highest export, the report its accuracy section (a model trained from scratch too), and
+    Figs. 1b, 2a and 2b the accuracy of each export: beside the loss, or on a second axis for the
+    long horizon."""
+    write_todays_study(tmp_path, seeds=(1,))
+    write_run(tmp_path / "baseline_long" / "seed1", epochs=120)
+    write_run(tmp_path / "entrodrop_fixed" / "seed1", turn=10, method="entrodrop",
+              curriculum="constant")
+    # The accuracy of the exports at epochs 10 and 20; best/ (epoch 9 to 12) scores as epoch 10.
+    accuracies = {"baseline": (0.3, 0.2), "weight_decay": (0.2, 0.4), "hidden_dropout": (0.4, 0.5),
+                  "entrodrop": (0.5, 0.7), "baseline_long": (0.3, 0.1),
+                  "entrodrop_fixed": (0.4, 0.4)}
+    for name, (at_10, at_20) in accuracies.items():
+        run = tmp_path / name / "seed1"
+        write_scores(run / "epochs" / "10", {"math": at_10})
+        write_scores(run / "epochs" / "20", {"math": at_20})
+        write_scores(run / "best", {"math": at_10})
+    drawn = {}  # figure -> {y label: [the y values of each line]}
+    real_savefig = analyze.plt.Figure.savefig
+
+    def record(figure, path, **settings):
+        drawn[path.name] = {ax.get_ylabel(): [list(line.get_ydata()) for line in ax.get_lines()]
+                            for ax in figure.axes}
+        real_savefig(figure, path, **settings)
+
+    monkeypatch.setattr(analyze.plt.Figure, "savefig", record)
+    report = analyze_report(tmp_path)
+
+    def row(section, name):
+        part = report[report.index(section):]
+        return next(line for line in part.splitlines() if line.startswith(f"| {name} |"))
+
+    # One seed, one set of 10 problems: the accuracy and its 95% Wilson interval.
+    cells = {0.2: "20.0% (6%–51%, n = 10)", 0.3: "30.0% (11%–60%, n = 10)",
+             0.4: "40.0% (17%–69%, n = 10)", 0.5: "50.0% (24%–76%, n = 10)",
+             0.7: "70.0% (40%–89%, n = 10)"}
+    assert row("## Methods", "method").endswith("| accuracy (highest export) |")
+    for name, highest in (("baseline", 0.3), ("weight decay 0.1", 0.4),
+                          ("hidden dropout 0.1", 0.5), ("EntroDrop", 0.7)):
+        assert row("## Methods", name).endswith(f"| {cells[highest]} |"), name
+    assert row("## Fig. 1b", "baseline, long horizon").endswith(f"| {cells[0.3]} |")
+    assert row("## Curriculum vs fixed ratio", "EntroDrop, fixed ratio").endswith(
+        f"| {cells[0.4]} |")
+    # Best by loss, final, highest over the exports and its epoch (the earliest on a tie).
+    assert row("## Answer accuracy", "baseline") == \
+        f"| baseline | {cells[0.3]} | {cells[0.2]} | {cells[0.3]} | 9.0 |"
+    assert row("## Answer accuracy", "weight decay 0.1") == \
+        f"| weight decay 0.1 | {cells[0.2]} | {cells[0.4]} | {cells[0.4]} | 20.0 |"
+    assert drawn["fig2a.png"]["answer accuracy"] == [[0.3, 0.2], [0.2, 0.4], [0.4, 0.5],
+                                                     [0.5, 0.7]]
+    assert drawn["fig2b.png"]["answer accuracy"] == [[0.3, 0.2], [0.5, 0.7], [0.4, 0.4]]
+    assert drawn["fig1b.png"]["answer accuracy"] == [[0.3, 0.1]]
+    assert "target validation loss (nats/token)" in drawn["fig1b.png"]

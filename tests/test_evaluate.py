@@ -2,8 +2,10 @@
 answer strings, scores.json, resuming, and errors."""
 
 import json
+import os
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -199,11 +201,41 @@ def test_checkpoint_without_tokenizer_files_and_the_command_line(tiny_qwen3, tmp
     assert "is neither a checkpoint folder" in result.stderr
 
 
+def test_two_ranks_under_torchrun_write_the_scores_of_one_process(smollm2, tmp_path):
+    """Each rank scores every other problem of a chunk and rank 0 writes them back in order: 9
+    problems in chunks of 8 (4 x batch_size x 2 ranks) leave rank 1 none in the last chunk."""
+    problems = [{"question": p.question, "answer": p.answer} for p in generate_problems(9, seed=7)]
+    model, tokenizer = Transformer.from_pretrained(smollm2).eval(), load_tokenizer(str(smollm2))
+    first = evaluate.score(model, tokenizer,
+                           [{"question": p["question"], "reference": str(p["answer"])}
+                            for p in problems], "embedded", 1, 16, 9, progress=False)
+    for problem, record in list(zip(problems, first))[1::2]:  # right and wrong answers to compare
+        problem["answer"] = record["extracted"] or problem["answer"]
+    data = write_jsonl(tmp_path / "test.jsonl", problems)
+    scores = {}
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2"])):
+        folder = tmp_path / name  # the weights linked, each with a scores.json of its own
+        folder.mkdir()
+        for item in smollm2.iterdir():
+            (folder / item.name).symlink_to(item)
+        # A batch of one: no padding, so the same problem decodes alike on either rank.
+        result = subprocess.run([*launcher, "evaluate.py", str(folder), "--data", str(data),
+                                 "--format", "embedded", "--shots", "1", "--max_new_tokens", "16",
+                                 "--batch_size", "1"], cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        scores[name] = json.loads((folder / "scores.json").read_text())["test"]
+    assert scores["two"] == scores["one"]
+    assert [r["prompt"] for r in scores["one"]["problems"]] == \
+        [evaluate.build_prompt(p["question"], "embedded", 1) for p in problems]
+    assert 0 < scores["one"]["correct"] < 9
+
+
 def test_lm_eval_agrees_with_evaluate_py_on_the_local_task(smollm2, tmp_path, monkeypatch):
     """lm-eval's hf model on the shipped task eval/embedded.yaml, and evaluate.py, on the same
     problems: the same generations word for word, and the same accuracy."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
     model, tokenizer = Transformer.from_pretrained(smollm2).eval(), load_tokenizer(str(smollm2))
     problems = generate_problems(8, seed=21)
     first = evaluate.score(model, tokenizer,
@@ -221,12 +253,71 @@ def test_lm_eval_agrees_with_evaluate_py_on_the_local_task(smollm2, tmp_path, mo
                           128, 8, progress=False)
     assert 0 < sum(r["correct"] for r in ours) < len(ours)
     monkeypatch.chdir(tmp_path)
-    results = simple_evaluate(model="hf", model_args=f"pretrained={smollm2},dtype=float32",
-                              tasks=["embedded_problems"],
-                              task_manager=TaskManager(include_path=str(ROOT / "eval"),
-                                                       include_defaults=False),
-                              batch_size=8, device="cpu", log_samples=True)
-    samples = sorted(results["samples"]["embedded_problems"], key=lambda sample: sample["doc_id"])
+    samples, accuracy = run_lm_eval(smollm2, "embedded_problems", batch_size=8)
     assert [sample["resps"][0][0] for sample in samples] == [r["generation"] for r in ours]
-    accuracy = results["results"]["embedded_problems"]["exact_match,evaluate.py"]
+    assert accuracy == sum(r["correct"] for r in ours) / len(ours)
+
+
+def run_lm_eval(folder, task, **settings):
+    """lm-eval's hf model on one task of eval/, from the current directory: its samples in problem
+    order, and its accuracy."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    tasks = TaskManager(include_path=str(ROOT / "eval"), include_defaults=False)
+    results = simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
+                              tasks=[task], task_manager=tasks, device="cpu", log_samples=True,
+                              **settings)
+    samples = sorted(results["samples"][task], key=lambda sample: sample["doc_id"])
+    return samples, results["results"][task]["exact_match,evaluate.py"]
+
+
+def test_the_gsm8k_format_task_builds_evaluate_py_prompts_and_references(monkeypatch):
+    """eval/gsm8k_local.yaml read by lm-eval, without a model: for every number of worked examples
+    the prompt of evaluate.py --format gsm8k --shots K, and its references normalized alike."""
+    from lm_eval.tasks import TaskManager
+    monkeypatch.chdir(ROOT)  # where the task looks for its problems
+    task = TaskManager(include_path=str(ROOT / "eval"),
+                       include_defaults=False).load("gsm8k_local")["tasks"]["gsm8k_local"]
+    docs = list(task.test_docs())
+    problems = evaluate.read_problems(ROOT / "eval" / "gsm8k_local.jsonl", "gsm8k")
+    for shots in range(len(evaluate.EXEMPLARS) + 1):
+        assert [task.fewshot_context(doc, shots) for doc in docs] == \
+            [evaluate.build_prompt(p["question"], "gsm8k", shots) for p in problems], shots
+    assert [task.doc_to_target(doc) for doc in docs] == [p["reference"] for p in problems]
+    assert task.config.generation_kwargs["until"] == list(evaluate.STOP_STRINGS)
+    assert task.config.generation_kwargs["do_sample"] is False
+    assert {"1250", "3.5", "9"} <= {p["reference"] for p in problems}  # "1,250", "3.50", "9.00"
+
+
+def test_lm_eval_agrees_with_evaluate_py_on_the_gsm8k_format_task(smollm2, tmp_path,
+                                                                   monkeypatch):
+    """eval/gsm8k_local.yaml with a worked example, and evaluate.py --format gsm8k --shots 1, on
+    8 of its problems: the same prompts and generations, the same extracted answers, the same
+    normalized references and the same accuracy."""
+    shipped = ROOT / "eval" / "gsm8k_local.jsonl"
+    problems = [json.loads(line) for line in shipped.open()][:8]
+    model, tokenizer = Transformer.from_pretrained(smollm2).eval(), load_tokenizer(str(smollm2))
+    first = evaluate.score(model, tokenizer, evaluate.read_problems(shipped, "gsm8k")[:8], "gsm8k",
+                           1, 32, 8, progress=False)
+    # As in the embedded test, every other reference becomes the model's own answer, here spelled
+    # with a thousands separator and trailing zeros ("1,250.00"), which the raw text would not
+    # match.
+    for i, (problem, record) in enumerate(zip(problems, first)):
+        if i % 2 and record["extracted"]:
+            solution = problem["answer"].rsplit("####", 1)[0]
+            problem["answer"] = f"{solution}#### {Decimal(record['extracted']):,.2f}"
+    (tmp_path / "eval").mkdir()  # where the task looks, from tmp_path
+    data = write_jsonl(tmp_path / "eval" / "gsm8k_local.jsonl", problems)
+    ours = [{**record, "reference": problem["reference"],
+             "correct": evaluate.is_correct(record["extracted"], problem["reference"], "gsm8k")}
+            for record, problem in zip(first, evaluate.read_problems(data, "gsm8k"))]
+    assert 0 < sum(r["correct"] for r in ours) < len(ours)
+    monkeypatch.chdir(tmp_path)
+    samples, accuracy = run_lm_eval(smollm2, "gsm8k_local", batch_size=8, num_fewshot=1,
+                                    gen_kwargs={"max_gen_toks": 32})
+    assert [sample["arguments"][0][0] for sample in samples] == [r["prompt"] for r in ours]
+    assert [sample["resps"][0][0] for sample in samples] == [r["generation"] for r in ours]
+    assert [sample["filtered_resps"][0][0] for sample in samples] == \
+        [r["extracted"] or "" for r in ours]
+    assert [sample["target"] for sample in samples] == [r["reference"] for r in ours]
     assert accuracy == sum(r["correct"] for r in ours) / len(ours)
