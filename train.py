@@ -37,7 +37,7 @@ from entropy import (build_entropy_cache, cache_header, default_cache_path, load
                      token_entropies)
 from evaluate import FORMATS, read_problems, score
 from model import ModelConfig, Transformer
-from parallel import (PARALLEL_MODES, equal_share, gather_from_all_ranks, reshard,
+from parallel import (PARALLEL_MODES, Cluster, equal_share, gather_from_all_ranks, reshard,
                       set_gradient_sync, start, wrap)
 from schedule import gamma_max_at, learning_rate_at, turn_by_patience, turning_epoch
 from tokenizer import load_tokenizer
@@ -186,7 +186,7 @@ def parse_config(argv) -> Config:
     return config
 
 
-def validate(c: Config, world_size):
+def validate(c: Config, cluster: Cluster):
     """Check every setting once, before anything is loaded; each error names the key."""
     def require(ok, message):
         if not ok:
@@ -210,9 +210,12 @@ def validate(c: Config, world_size):
     require(c.accuracy_samples == 0 or c.accuracy_problems,
             f"accuracy_samples={c.accuracy_samples} needs accuracy_problems: "
             "a JSONL file of problems to score")
-    require(c.global_batch_size % (c.micro_batch_size * world_size) == 0,
+    require(c.global_batch_size % (c.micro_batch_size * cluster.world_size) == 0,
             f"global_batch_size={c.global_batch_size} must be a multiple of micro_batch_size="
-            f"{c.micro_batch_size} x {world_size} ranks")
+            f"{c.micro_batch_size} x {cluster.world_size} ranks")
+    require(c.parallel == "ddp" or cluster.distributed,
+            "parallel='fsdp' shards over the ranks of torchrun: start it with torchrun "
+            "(--nproc_per_node=1 for one process), or use parallel='ddp'")
     require(c.epochs > 0 or c.max_steps > 0, "set epochs > 0 or max_steps > 0")
     # Each baseline differs from `baseline` in exactly one knob, so tables compare like with like.
     require((c.weight_decay > 0) == (c.method == "weight_decay"),
@@ -294,16 +297,16 @@ def evaluate(model, c, sets: EvalSets, tokenizer, cluster, autocast):
     b, groups, problems = c.micro_batch_size, sets.groups, sets.problems
     with torch.no_grad(), autocast:
         for windows, measure in ((sets.val, "val_loss"), (sets.general_val, "general_val_loss")):
-            for start, stop, counted in equal_share(len(windows), cluster.rank,
+            for first, stop, counted in equal_share(len(windows), cluster.rank,
                                                     cluster.world_size, b):
-                nll = token_entropies(model, windows[start:stop].to(device),
+                nll = token_entropies(model, windows[first:stop].to(device),
                                       return_nll=True)[1][:, 1:]
                 if not counted:
                     continue
                 sums[slot[measure]] += nll.sum()
                 counts[slot[measure]] += nll.numel()
                 if measure == "val_loss" and groups is not None:
-                    low, high = groups[start:stop].to(device).unbind(1)  # each (b, seq_len)
+                    low, high = groups[first:stop].to(device).unbind(1)  # each (b, seq_len)
                     for group, where in (("val_loss_low", low), ("val_loss_high", high)):
                         sums[slot[group]] += nll[where].sum()
                         counts[slot[group]] += where.sum()
@@ -385,7 +388,7 @@ def claim_out_dir(out_dir, cluster):
         raise ValueError(refusal)
 
 
-def earlier_run(c, ckpt_dir):
+def earlier_run(c, ckpt_dir, master):
     """The training state of an earlier run in out_dir, to resume; None for a fresh start;
     "finished" for a finished run with the same settings (reused as it is). A run with other
     settings is never written over."""
@@ -400,6 +403,8 @@ def earlier_run(c, ckpt_dir):
         raise ValueError(f"{ckpt_dir} is a run with different settings "
                          f"({', '.join(sorted(changed))}); choose another out_dir or delete it")
     if state["finished"]:
+        if master:
+            print(f"{ckpt_dir.parent} already holds this finished run; reusing it")
         return "finished"
     if not c.resume:
         raise ValueError(f"{ckpt_dir} holds an unfinished run: pass --resume=True to continue it, "
@@ -485,6 +490,25 @@ def make_optimizer(model, c, device):
                              fused=device.type == "cuda")
 
 
+def restore_training_state(resumed, ckpt_dir, model, optimizer, loader, master):
+    """A resumed run's model, AdamW moments and loader position as its checkpoint left them.
+    -> the best evaluation so far and every (epoch, target val loss) evaluated (fresh: none)."""
+    if not resumed:
+        return {"val_loss": math.inf, "epoch": None, "step": None}, []
+    load_training_state(ckpt_dir, model, optimizer)
+    loader.load_state_dict(resumed["loader"])
+    if master:
+        print(f"resuming from {ckpt_dir} at step {loader.step}")
+    return resumed["best"], resumed["evaluations"]
+
+
+def clip_gradients(model, grad_clip) -> float:
+    """Clip the gradients to a global norm of grad_clip (0: no clipping) -> their norm before.
+    Under FSDP the norm is a DTensor over every rank's shards: made whole first."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
 class RunLog:
     """out_dir/log.jsonl, one JSON record per line, written by rank 0. Every rank counts the
     records, so that the checkpoint can say how many belong to it: a resumed run first drops the
@@ -535,12 +559,14 @@ def to_device(tensor, device):
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
-def evaluate_and_export(model, c, sets, tokenizer, cluster, autocast, at, best, run_log):
-    """One evaluation point: the losses (and accuracy), logged; the best model so far by target
-    validation loss exported to best/ (for lm-eval, OpenCompass, vLLM), and every export_every
-    epochs to epochs/<epoch>/ (the paper's rule picks among these by accuracy: analyze.py).
-    -> best"""
+def evaluate_and_export(model, c, sets, tokenizer, cluster, autocast, at, best, evaluations,
+                        run_log):
+    """One evaluation point: the losses (and accuracy), logged and added to evaluations as (epoch,
+    target val loss); the best model so far by target validation loss exported to best/ (for
+    lm-eval, OpenCompass, vLLM), and every export_every epochs to epochs/<epoch>/ (the paper's rule
+    picks among these by accuracy: analyze.py). -> best"""
     results = evaluate(model, c, sets, tokenizer, cluster, autocast)
+    evaluations.append((at["epoch"], results["val_loss"]))
     if results["val_loss"] < best["val_loss"]:
         best = {"val_loss": results["val_loss"], "epoch": at["epoch"], "step": at["step"]}
         export(model, tokenizer, Path(c.out_dir) / "best", cluster)
@@ -555,7 +581,7 @@ def evaluate_and_export(model, c, sets, tokenizer, cluster, autocast, at, best, 
         measured = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if v is not None)
         print(f"eval step {at['step']} epoch {at['epoch']:.2f}: {measured}, "
               f"best {best['val_loss']:.4f} at epoch {best['epoch']:.2f}")
-    return best, results
+    return best
 
 
 def midpoint_by_patience(c, evaluations, run_log, master):
@@ -589,19 +615,14 @@ def refresh_online_scores(scores, step_entropies, cluster):
 def main(argv):
     c = parse_config(argv)
     cluster = start(c.device)
-    validate(c, cluster.world_size)
-    if c.parallel == "fsdp" and not cluster.distributed:
-        raise ValueError("parallel='fsdp' shards over the ranks of torchrun: start it with "
-                         "torchrun (--nproc_per_node=1 for one process), or use parallel='ddp'")
+    validate(c, cluster)
     out_dir, ckpt_dir = Path(c.out_dir), Path(c.out_dir) / "ckpt"
     master, device = cluster.master, cluster.device
     bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     claim_out_dir(out_dir, cluster)
-    resumed = earlier_run(c, ckpt_dir)
+    resumed = earlier_run(c, ckpt_dir, master)
     if resumed == "finished":
-        if master:
-            print(f"{out_dir} already holds this finished run; reusing it")
         return
     if master:
         print("config:", json.dumps(asdict(c)))
@@ -615,16 +636,9 @@ def main(argv):
     train_model = wrap(model, c.parallel, cluster, c.compile, bf16)  # FSDP shards `model` itself
     optimizer = make_optimizer(model, c, device)
     scores, sets.groups = base_entropies(c, model, cluster, autocast)
-    if online:  # from the base model's, refreshed by training from here on (resumed: its own);
-        # in float32, not the cache's float16, whose steps (0.004 at 5 nats) would tie close scores
+    if online:  # the base model's scores (resumed: its own) in float32: float16 ties close ones
         scores = resumed["online_scores"] if resumed else scores.float()
-    best, evaluations = {"val_loss": math.inf, "epoch": None, "step": None}, []
-    if resumed:
-        load_training_state(ckpt_dir, model, optimizer)
-        loader.load_state_dict(resumed["loader"])
-        best, evaluations = resumed["best"], resumed["evaluations"]
-        if master:
-            print(f"resuming from {ckpt_dir} at step {loader.step}")
+    best, evaluations = restore_training_state(resumed, ckpt_dir, model, optimizer, loader, master)
     run_log = start_log(c, out_dir, master, resumed, midpoint)
 
     # ---- the loop
@@ -632,7 +646,9 @@ def main(argv):
     targeting = "all" if c.method == "token_dropout" else c.targeting
     last_epoch = math.floor(loader.epoch)
     resumed_step = saved_step = loader.step if resumed else None  # evaluated before that save
-    flops_per_token, peak = model.flops_per_token(c.seq_len), peak_flops(device) if bf16 else None
+    # MFU: tokens/s over what the GPUs' datasheet peak would give (known GPUs only)
+    peak = peak_flops(device) if bf16 else None
+    peak_tokens_per_sec = peak and peak * cluster.world_size / model.flops_per_token(c.seq_len)
     try:
         while True:
             step, epoch = loader.step, loader.epoch
@@ -642,9 +658,8 @@ def main(argv):
             if due and step != resumed_step:
                 at = {"step": step, "epoch": epoch, "epoch_end": epoch_end,
                       "last": step == max_steps}
-                best, results = evaluate_and_export(model, c, sets, tokenizer, cluster, autocast,
-                                                    at, best, run_log)
-                evaluations.append((epoch, results["val_loss"]))
+                best = evaluate_and_export(model, c, sets, tokenizer, cluster, autocast, at, best,
+                                           evaluations, run_log)
                 if dropping and midpoint is None:  # curriculum_midpoint="patience:P"
                     midpoint = midpoint_by_patience(c, evaluations, run_log, master)
                 last_epoch = math.floor(epoch)
@@ -661,9 +676,7 @@ def main(argv):
 
             # one optimizer step: gamma_j once per step (Sec. 3.1), masks keyed by each row's window
             step_start = time.time()
-            # Hidden dropout draws from the global generator, seeded by (seed, step, rank) at
-            # every step, so a resumed run draws what the uninterrupted one did (other ranks:
-            # other draws).
+            # hidden dropout: seeded by (seed, step, rank), so a resumed run draws as a whole one
             torch.manual_seed(seed_for(c.seed, step, HIDDEN_DROPOUT, cluster.rank))
             j = epoch if c.curriculum_unit == "epoch" else step
             ceiling = gamma_max_at(j, c.gamma_max, c.curriculum_sharpness, midpoint, c.curriculum) \
@@ -672,16 +685,13 @@ def main(argv):
             lr = learning_rate_at(step, c.learning_rate, c.min_lr, c.warmup_steps, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # loss, masked, target tokens
-            stats = torch.zeros(3, device=device, dtype=torch.float64)
-            # score_source="online": (sample_index, entropy, fill_mask) per micro-batch
-            step_entropies = []
+            stats = torch.zeros(3, device=device, dtype=torch.float64)  # loss, masked, targets
+            step_entropies = []  # score_source="online": (sample_index, entropy, fill_mask)
             for micro, batch in enumerate(loader.next_batch()):
                 inputs, targets = to_device(batch.inputs, device), to_device(batch.targets, device)
                 target_rows, fill_mask, noise = batch.target_rows, None, None
                 if dropping:
-                    rows = row_scores(scores, batch.sample_index, target_rows,
-                                      c.seq_len)  # (b, seq_len)
+                    rows = row_scores(scores, batch.sample_index, target_rows, c.seq_len)
                     fill_mask = to_device(token_dropout_mask(rows, target_rows, batch.sample_index,
                                                              c.seed, step, gamma, targeting,
                                                              c.gate_percentile), device)
@@ -699,9 +709,7 @@ def main(argv):
                                                 embedding_noise=noise, with_entropy=online)
                 if online:
                     step_entropies.append((batch.sample_index, entropy.detach(), fill_mask))
-                # Each micro-batch's loss is a mean over its tokens; dividing by the number of
-                # micro-steps makes the summed gradients the mean over the global batch (DDP and
-                # FSDP average over ranks).
+                # summed over micro-steps and averaged over ranks (DDP, FSDP): the batch's mean
                 (loss / accumulation).backward()
                 stats[0] += loss.detach()
             if online:
@@ -709,30 +717,25 @@ def main(argv):
             if cluster.distributed:
                 dist.all_reduce(stats)
             train_loss = stats[0].item() / (accumulation * cluster.world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or math.inf)
-            grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor)
-                         else grad_norm).item()
-            # before the weights are hit
-            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            grad_norm = clip_gradients(model, c.grad_clip)
+            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # weights untouched
                 raise TrainingStopped(non_finite_message(step, train_loss, grad_norm, ckpt_dir,
                                                          saved_step))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_per_sec = c.global_batch_size * c.seq_len / (time.time() - step_start)
             if (step + 1) % c.log_interval == 0:
-                mfu = (flops_per_token * tokens_per_sec / (peak * cluster.world_size) if peak
-                       else None)
                 log_step(run_log, master, max_steps, {
                     "step": step + 1, "epoch": loader.epoch, "lr": lr, "gamma_max_j": ceiling,
                     "gamma": gamma, "mask_rate": stats[1].item() / max(1.0, stats[2].item()),
                     "train_loss": train_loss, "grad_norm": grad_norm,
-                    "tokens_per_sec": tokens_per_sec, "mfu": mfu})
+                    "tokens_per_sec": tokens_per_sec,
+                    "mfu": peak and tokens_per_sec / peak_tokens_per_sec})
     except KeyboardInterrupt:
         raise TrainingStopped(interrupted_message(loader.step, saved_step)) from None
     if master:
         print(f"done: best target val loss {best['val_loss']:.4f} at epoch {best['epoch']:.2f}; "
               f"exported to {out_dir / 'best'}")
-
 
 if __name__ == "__main__":
     try:

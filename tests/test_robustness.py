@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import train
+from parallel import Cluster
 from checkpoint import read_train_state, write_durably
 from data.loader import load_meta, read_windows
 from model import replace_durably
@@ -96,6 +97,7 @@ def test_orphaned_workers_of_a_killed_torchrun_cannot_race_a_resume(workspace, t
 
 # ---- 2. every number is checked where it enters -----------------------------------------------
 
+ONE_PROCESS = Cluster(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
 NUMERIC = [f.name for f in dataclasses.fields(train.Config) if f.type in (int, float, float | str)]
 
 
@@ -116,7 +118,7 @@ def test_out_of_range_values_are_refused_by_name(key, value, interval):
     config = dataclasses.replace(train.Config(), **{key: value})
     with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} is out of range: it must "
                                                    f"lie in {interval}")):
-        train.validate(config, world_size=1)
+        train.validate(config, ONE_PROCESS)
 
 
 def accepted_values(key, interval):
@@ -168,7 +170,7 @@ def test_no_accepted_value_crashes_later_or_loops_forever(key, workspace, tmp_pa
     1e6)."""
     for i, value in enumerate(accepted_values(key, train.NUMBER_RANGES[key])):
         settings = runnable(key, value, tmp_path)
-        train.validate(dataclasses.replace(train.Config(), **settings), world_size=1)
+        train.validate(dataclasses.replace(train.Config(), **settings), ONE_PROCESS)
         try:
             train.main(args_for(workspace, tmp_path / f"run{i}", **settings))
         except train.TrainingStopped as stop:
@@ -179,6 +181,13 @@ def test_no_accepted_value_crashes_later_or_loops_forever(key, workspace, tmp_pa
 def test_accuracy_samples_need_problems(workspace, tmp_path):
     with pytest.raises(ValueError, match="accuracy_samples=4 needs accuracy_problems"):
         train.main(args_for(workspace, tmp_path / "run", accuracy_samples=4))
+
+
+def test_sharding_without_torchrun_is_refused_before_anything_loads(workspace, tmp_path):
+    with pytest.raises(ValueError, match="parallel='fsdp' shards over the ranks of torchrun"):
+        train.main(args_for(workspace, tmp_path / "run", parallel="fsdp",
+                            init_from=tmp_path / "no such model"))
+    assert not (tmp_path / "run").exists()
 
 
 # ---- 3. data is checked against its meta.json -------------------------------------------------
