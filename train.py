@@ -745,6 +745,11 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0 or not isinstance(e, TrainingStopped):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # before the first step: the loop reports its own interrupts
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("error: interrupted before training began; no step is lost: run the same command "
+                  "again (with --resume=True if it was resuming)", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             # The DDP wrapper sits in a reference cycle that holds the process group, and a group

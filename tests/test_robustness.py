@@ -364,6 +364,25 @@ def test_sigint_says_in_one_line_how_many_steps_will_be_redone(workspace, tmp_pa
     assert int(match[3]) == saved and int(match[1]) - saved == int(match[2])
 
 
+def test_sigint_before_training_began_is_one_line(workspace, tmp_path):
+    """Ctrl-C while the model loads: train.py run as a script, its model loader made to stop as
+    an interrupt would stop it."""
+    script = ("import runpy, sys\n"
+              "import model\n"
+              "def interrupted(*args, **kwargs):\n"
+              "    raise KeyboardInterrupt\n"
+              "model.Transformer.from_pretrained = interrupted\n"
+              "sys.argv = ['train.py', *sys.argv[1:]]\n"
+              "runpy.run_path('train.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", script,
+                             *args_for(workspace, tmp_path / "run", method="baseline")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: interrupted before training began; no step is lost: run the same command again "
+        "(with --resume=True if it was resuming)"]
+
+
 # ---- 7. resuming with another micro-batch -----------------------------------------------------
 
 def test_resume_with_another_micro_batch_continues_the_run(workspace, tmp_path):
