@@ -70,6 +70,9 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_is_unt
             alone, shared = ([{**r, "out_dir": None} for r in alone],
                              [{**r, "out_dir": None} for r in shared])
         assert strip_timing(alone) == strip_timing(shared), kind
+    for name in ("model.safetensors", "config.json"):  # the exported model, byte for byte
+        assert ((tmp_path / "alone" / "best" / name).read_bytes()
+                == (tmp_path / "shared" / "best" / name).read_bytes()), name
     # The lock went with the process.
     again = run(args_for(workspace, tmp_path / "shared", **settings))
     assert "already holds this finished run" in again.stdout
