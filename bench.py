@@ -135,7 +135,8 @@ def online_entrodrop_step(model, inputs, targets, scores, table, step, autocast)
         entropy, loss = model(inputs, targets, fill_mask=fill_mask, with_entropy=True)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    refresh_scores(table, torch.arange(len(inputs)), entropy.detach().float().cpu(), fill_mask.cpu())
+    refresh_scores(table, torch.arange(len(inputs)), entropy.detach().float().cpu(),
+                   fill_mask.cpu())
 
 
 def entrodrop_added_work(embeddings, fill, upstream, scores, step):
@@ -175,35 +176,87 @@ def block_activation_bytes(config, bf16):
     return norm_inputs + linear_inputs + qk_norm + attention + mlp
 
 
-def training_memory(config, seq_len, micro_batch, ranks, fsdp, activation_checkpointing, bf16=True):
-    """Estimated peak bytes per GPU of one training step -> (states, activations).
-    States: fp32 weights, gradients and AdamW's two moments, 16 bytes per parameter (Rajbhandari et
-    al., 2020, ZeRO, Sec. 3.1), whole on every rank under DDP, plus autocast's bf16 copy of the
-    weights held from forward to backward (2 bytes per parameter). FSDP keeps 16/ranks bytes per
-    parameter, and whole only what is in flight: the root's weights in bf16 (embeddings, head) from
-    forward to backward, two blocks' bf16 weights (the current one and the one prefetched), and one
-    block's gradients in bf16 and in fp32 for the reduce-scatter.
-    Activations: block_activation_bytes per token and layer; with activation checkpointing each
-    block keeps only its fp32 input, and one block's activations exist again during its recompute.
-    The head's fused loss adds its fp32 gradient of the hidden states and at most 512 MB of
-    chunks."""
+def state_bytes(model, ranks):
+    """Bytes of the fp32 weights, gradients and AdamW's two moments, 16 per parameter (Rajbhandari
+    et al., 2020, ZeRO, Sec. 3.1), on the rank that holds the most: whole with ranks=1 (DDP); split
+    over ranks by FSDP, which cuts each tensor along its first dimension as torch.chunk does, so
+    rank 0 holds ceil(rows / ranks) of every tensor's rows. A tied head and embedding count once."""
+    return 16 * sum(-(-p.shape[0] // ranks) * p[0].numel() for p in model.parameters())
+
+
+def head_bytes(config, tokens, bf16):
+    """Peak bytes of the fused loss (model.LinearCrossEntropy) during the forward pass, when every
+    block's activations are still held. It forms the head's weight gradient there, fp32 (vocab, d),
+    as a sum over chunks of rows, and keeps it until backward. Each iteration keeps its tensors
+    alive until the next one rebinds their names, so the worst moment is one of two: adding a
+    chunk's part (the sum so far, the previous chunk's part, the new part, under autocast a bf16
+    product and its fp32 copy; beside this chunk's logits in bf16, their fp32 softmax and its bf16
+    copy), or starting a chunk (the sum so far and the previous part; the previous chunk's softmax
+    and its bf16 copy beside the new logits in bf16 and fp32). In fp32 every cast is the tensor
+    itself. Besides, four fp32 (tokens, d) tensors: the hidden states, their gradient, and what the
+    final norm saves (its input and the normalized input, before the weight)."""
+    vocab, d = config.vocab_size, config.hidden_size
+    rows = -(-tokens // -(-tokens // max(1, 2**27 // vocab)))  # model.Transformer.head_chunk_rows
+    chunks = -(-tokens // rows)
+    weight, logits = vocab * d, rows * vocab  # elements of the head's gradient, of a chunk's logits
+    if bf16:
+        adding = (4 * min(chunks, 3) + 2) * weight + (2 + 4 + 2) * logits
+        starting = 4 * min(chunks - 1, 2) * weight + (2 + 4 + 4 + 2) * logits
+    else:
+        adding = 4 * min(chunks, 3) * weight + 4 * logits
+        starting = 4 * min(chunks - 1, 2) * weight + 2 * 4 * logits
+    return max(adding, starting if chunks > 1 else 0) + 4 * tokens * d * 4
+
+
+def training_memory(config, seq_len, micro_batch, ranks, fsdp, activation_checkpointing,
+                    bf16=True):
+    """Estimated peak bytes per GPU of one training step -> (states, step): the states of
+    state_bytes, held throughout, and the most that the step holds besides them at one moment, the
+    largest of four:
+    - the end of the forward pass: every block's activations (block_activation_bytes per token and
+      layer; with activation checkpointing only each block's fp32 input) and the fused loss's
+      buffers (head_bytes); under DDP autocast's bf16 copy of every matmul weight (cached from first
+      use until autocast ends), under FSDP the root's gathered weights (embeddings, final norm,
+      head), which it keeps from forward to backward;
+    - the backward pass of the last block: the same activations, with checkpointing that block's
+      recomputed ones too; under FSDP two blocks' gathered weights (the current one and the one
+      prefetched), one block's gradients gathered and in fp32 for the reduce-scatter, and the head's
+      gathered gradient, kept until the root's reduce-scatter at the end of backward;
+    - the embedding's backward, the last, when no activations are left: with tied weights autograd
+      adds the embedding's sparse gradient to the head's dense one out of place (in place only when
+      the sparse one comes first), so two (vocab, d) gradients exist at once; untied, the head's
+      and the embedding's dense one under FSDP, the embedding's alone under DDP (the head's is
+      already in DDP's bucket);
+    - under FSDP the root's reduce-scatter that follows: its gathered gradients and their fp32 copy.
+    Weights are gathered in bf16 on a GPU (parallel.mixed_precision_policy). Under DDP the backward
+    is given as many autocast copies as the forward: at most that. Under FSDP on a GPU the residual
+    stream is bf16, as the gathered embedding is, so fewer activations than counted are kept."""
     with torch.device("meta"):  # shapes only: no memory, even for 8B
         model = Transformer(config)
-    params = sum(p.numel() for p in model.parameters())
     block = sum(p.numel() for p in model.layers[0].parameters())
-    root = params - block * config.num_hidden_layers
-    if fsdp:
-        states = 16 * params / ranks + 2 * root + 2 * 2 * block + (2 + 4) * block
-    else:
-        states = 16 * params + (2 * params if bf16 else 0)
+    root = sum(p.numel() for p in model.parameters()) - block * config.num_hidden_layers
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = config.vocab_size * config.hidden_size
+    gathered = 2 if bf16 else 4  # bytes of a weight or gradient as FSDP gathers it
     tokens = seq_len * micro_batch
     per_layer = block_activation_bytes(config, bf16) * tokens
     if activation_checkpointing:
-        layers = config.num_hidden_layers * tokens * config.hidden_size * 4 + per_layer
+        kept, recomputed = config.num_hidden_layers * tokens * config.hidden_size * 4, per_layer
     else:
-        layers = config.num_hidden_layers * per_layer
-    head = tokens * config.hidden_size * 4 * 2 + min(512 * 2**20, tokens * config.vocab_size * 4)
-    return states, layers + head
+        kept, recomputed = config.num_hidden_layers * per_layer, 0
+    if fsdp:
+        forward_weights = gathered * root
+        backward_weights = (gathered * root + 2 * gathered * block + (gathered + 4) * block
+                            + gathered * head)
+        embedding_backward = gathered * root + 2 * gathered * head
+        root_reduce = (gathered + 4) * root
+    else:
+        forward_weights = backward_weights = 2 * matmul if bf16 else 0
+        embedding_backward = (2 if config.tie_word_embeddings else 1) * 4 * head
+        root_reduce = 0
+    step = max(forward_weights + kept + head_bytes(config, tokens, bf16),
+               backward_weights + kept + recomputed, embedding_backward, root_reduce)
+    return state_bytes(model, ranks if fsdp else 1), step
 
 
 def resident_bytes(field):
@@ -330,19 +383,20 @@ def activation_rows(config, device, dtype, batch, seq_len, layers=(2, 6)):
 
 
 def print_memory_table(seq_len=4096, micro_batch=1, ranks=8):
-    """Per-GPU GiB (states + activations = total) of a bf16 training step, from training_memory."""
+    """Per-GPU GiB (states + the step's peak beyond them = total) of a bf16 training step, from
+    training_memory."""
     settings = [(f"{'FSDP' if fsdp else 'DDP'} x {ranks}{', AC' if ac else ''}", fsdp, ac)
                 for fsdp in (False, True) for ac in (False, True)]
-    print(f"per-GPU memory, GiB (states + activations), seq {seq_len:,}, "
+    print(f"per-GPU memory, GiB (states + the step's peak beyond them), seq {seq_len:,}, "
           f"micro-batch {micro_batch}, bf16 autocast")
     print(f"{'model':<14}" + "".join(f"{label:>22}" for label, _, _ in settings))
     for name in ("Qwen3-0.6B", "Qwen3-1.7B", "Llama-3.1-8B"):
         cells = []
         for _, fsdp, ac in settings:
-            states, activations = training_memory(MODEL_SIZES[name], seq_len, micro_batch, ranks,
-                                                  fsdp, ac)
-            cells.append(f"{states / 2**30:.1f} + {activations / 2**30:.1f} = "
-                         f"{(states + activations) / 2**30:.0f}")
+            states, step = training_memory(MODEL_SIZES[name], seq_len, micro_batch, ranks, fsdp,
+                                           ac)
+            cells.append(f"{states / 2**30:.1f} + {step / 2**30:.1f} = "
+                         f"{(states + step) / 2**30:.0f}")
         print(f"{name:<14}" + "".join(f"{cell:>22}" for cell in cells))
 
 
@@ -431,7 +485,8 @@ def main():
         table = torch.rand(batch, seq_len + 1)
         t_static, t_online, ratio = paired(
             lambda: entrodrop_step(ours, inputs, targets, scores, next(counter), autocast),
-            lambda: online_entrodrop_step(ours, inputs, targets, scores, table, next(counter), autocast),
+            lambda: online_entrodrop_step(ours, inputs, targets, scores, table, next(counter),
+                                          autocast),
             device, pairs)
         rows.append((f"{label}: EntroDrop step, online scores vs static",
                      f"{t_online * 1e3:,.1f} ms vs {t_static * 1e3:,.1f} ms", f"{ratio - 1:+.1%}"))
@@ -463,6 +518,14 @@ def main():
                  f"{ours_mem / 2**30:.2f} | {theirs_mem / 2**30:.2f} GiB",
                  f"{ours_mem / logits_bytes(train_seq):.2f}x | "
                  f"{theirs_mem / logits_bytes(train_seq):.2f}x one fp32 logits"))
+    # From 1,024 tokens on, the peak comes in the forward pass (head_bytes), before one process has
+    # any gradient, which training_memory counts among the states: its step term is all that is
+    # added. (At --smoke's 256 the peak is the embedding's backward, beside the blocks' gradients.)
+    _, predicted = training_memory(memory_config, train_seq, 1, 1, fsdp=False,
+                                   activation_checkpointing=False, bf16=dtype == torch.bfloat16)
+    rows.append((f"training step extra peak memory, seq {train_seq}, ours, measured | formula",
+                 f"{ours_mem / 2**30:.2f} | {predicted / 2**30:.2f} GiB",
+                 f"{ours_mem / predicted:.2f}x"))
 
     rows += activation_rows(smol, device, dtype, *((1, 256) if args.smoke else (2, 2048)))
 

@@ -57,13 +57,20 @@ def start(device_setting) -> Cluster:
                    distributed)
 
 
+def mixed_precision_policy(bf16, device):
+    """FSDP's dtypes: on a GPU with bf16 autocast, the weights are gathered in bf16 (half the bytes
+    to send and to hold) and gradients are reduced in fp32, so that the sum over ranks is not
+    rounded to bf16; elsewhere weights and gradients stay fp32, as under DDP."""
+    if bf16 and device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
 def wrap(model, parallel, cluster, compile_model, bf16):
     """The module that the training step calls. Under DDP it wraps the model (which stays as it is
     for evaluation and export); under FSDP the model itself is sharded in place."""
     if parallel == "fsdp":
-        gpu_bf16 = bf16 and cluster.device.type == "cuda"
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if gpu_bf16 else None,
-                                      reduce_dtype=torch.float32 if gpu_bf16 else None)
+        policy = mixed_precision_policy(bf16, cluster.device)
         for block in model.layers:
             if compile_model:
                 # In place: the parameter names, and so the checkpoints, stay the same.

@@ -1,7 +1,9 @@
 """parallel.py and checkpoint.py under torchrun on the CPU (gloo): FSDP2 against DDP and one
 process, activation checkpointing, resume after SIGKILL and on another number of ranks, the export
-of a sharded model, and two "nodes" on one machine against one node."""
+of a sharded model, and two "nodes" on one machine against one node; FSDP's mixed precision, and
+the bytes each rank holds against bench.py's memory estimate."""
 
+import gc
 import json
 import os
 import signal
@@ -9,17 +11,23 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
+from bench import state_bytes
 from checkpoint import read_train_state
-from parallel import equal_share
+from model import Transformer
+from parallel import PARALLEL_MODES, Cluster, equal_share, mixed_precision_policy, wrap
 # workspace: the shared fixture
-from test_train import ROOT, args_for, records, run, workspace  # noqa: F401
+from test_train import ROOT, TINY, args_for, records, run, workspace  # noqa: F401
+from train import Config, make_optimizer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -69,14 +77,131 @@ def test_fsdp_ddp_and_one_process_give_the_same_losses(workspace, tmp_path, meth
             losses(tmp_path / other, "eval", "accuracy")
 
 
+def test_activation_checkpointing_recomputes_every_block_in_backward():
+    """Checkpointed, a block saves nothing for backward and runs its forward a second time there;
+    the gradients are the same."""
+    torch.manual_seed(0)
+    model = Transformer(TINY).train()
+    window = torch.randint(0, TINY.vocab_size, (2, 33))
+    forwards, depth = Counter(), Counter()
+
+    # Counted on entry: a recomputation stops as soon as it has rebuilt what backward needs,
+    # before the block's end.
+    def enter(block, args):
+        forwards[block] += 1
+        depth["blocks"] += 1
+
+    def leave(block, args, output):
+        depth["blocks"] -= 1
+
+    for block in model.layers:
+        block.register_forward_pre_hook(enter)
+        block.register_forward_hook(leave)
+    found = {}
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        forwards.clear()
+        saved = Counter()
+
+        def pack(tensor):
+            where = "in blocks" if depth["blocks"] else "elsewhere"
+            saved[where] += tensor.numel() * tensor.element_size()
+            return tensor
+        # Checkpointing's own hooks, inside ours, take what a checkpointed block saves.
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(window[:, :-1], window[:, 1:])[1]
+        in_forward = [forwards[block] for block in model.layers]
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        found[recompute] = dict(in_forward=in_forward,
+                                in_step=[forwards[block] for block in model.layers], saved=saved,
+                                grads={n: p.grad.clone() for n, p in model.named_parameters()})
+    plain, recomputed = found[False], found[True]
+    layers = TINY.num_hidden_layers
+    assert plain["in_forward"] == plain["in_step"] == recomputed["in_forward"] == [1] * layers
+    assert recomputed["in_step"] == [2] * layers
+    assert plain["saved"]["in blocks"] > 0 and recomputed["saved"]["in blocks"] == 0
+    # What each checkpointed block keeps instead: its input, the fp32 (B, T, d) residual stream,
+    # and the rotary tables cos and sin, (1, T, 1, head_dim) each, which all blocks share.
+    tokens = window[:, :-1].numel()
+    kept = tokens * TINY.hidden_size * 4 + 2 * (tokens // len(window)) * TINY.head_dim * 4
+    assert recomputed["saved"]["elsewhere"] - plain["saved"]["elsewhere"] == layers * kept
+    for name, grad in plain["grads"].items():
+        assert torch.allclose(grad, recomputed["grads"][name], atol=1e-6), name
+
+
 def test_activation_checkpointing_changes_nothing_but_memory(workspace, tmp_path):
     settings = dict(method="entrodrop", max_steps=8, eval_interval=4)
     run(args_for(workspace, tmp_path / "plain", **settings))
     run(args_for(workspace, tmp_path / "recomputed", **settings, activation_checkpointing=True))
-    run(args_for(workspace, tmp_path / "fsdp", **settings, activation_checkpointing=True,
-                 parallel="fsdp"), torchrun=True)
+    for parallel in PARALLEL_MODES:  # 2 ranks
+        run(args_for(workspace, tmp_path / parallel, **settings, activation_checkpointing=True,
+                     parallel=parallel), torchrun=True)
     assert close(losses(tmp_path / "plain"), losses(tmp_path / "recomputed"), 1e-6)
-    assert close(losses(tmp_path / "plain"), losses(tmp_path / "fsdp"))
+    for parallel in PARALLEL_MODES:
+        assert close(losses(tmp_path / "plain"), losses(tmp_path / parallel)), parallel
+
+
+def test_fsdp_gathers_bf16_weights_and_reduces_in_fp32_on_a_gpu_only():
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    policy = mixed_precision_policy(bf16=True, device=gpu)
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    for bf16, device in ((True, cpu), (False, gpu), (False, cpu)):
+        policy = mixed_precision_policy(bf16, device)
+        # None: the weights' own dtype, fp32, for gathering and reducing alike
+        assert (policy.param_dtype, policy.reduce_dtype) == (None, None), (bf16, device)
+
+
+def held_state_bytes(model, optimizer):
+    """Bytes of this rank's own weights, gradients and AdamW moments (under FSDP its shards)."""
+    tensors = [t for p in model.parameters()
+               for t in (p, p.grad, *(optimizer.state[p][m] for m in ("exp_avg", "exp_avg_sq")))]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def one_step_on_each_rank(rank, world_size, store, results):
+    """A process of torch.multiprocessing.spawn: one optimizer step of the tiny model under each
+    parallel mode on world_size gloo ranks, as train.py sets it up -> (rank, {what: found}) put on
+    results."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size)
+    cluster = Cluster(rank, world_size, torch.device("cpu"), distributed=True)
+    found = {}
+    for parallel in PARALLEL_MODES:
+        torch.manual_seed(0)
+        model = Transformer(TINY)
+        train_model = wrap(model, parallel, cluster, compile_model=False, bf16=False)
+        optimizer = make_optimizer(model, Config(), cluster.device)
+        window = torch.randint(0, TINY.vocab_size, (2, 17))
+        train_model(window[:, :-1], window[:, 1:])[1].backward()
+        optimizer.step()
+        found[parallel] = held_state_bytes(model, optimizer)
+        found[f"{parallel}: tied"] = model.lm_head.weight is model.embed_tokens.weight
+    results.put((rank, found))
+    # The DDP wrapper's reference cycle holds the process group: free both before it is destroyed.
+    del model, train_model, optimizer
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def test_each_rank_holds_the_states_that_the_memory_estimate_counts(tmp_path):
+    """bench.state_bytes against the bytes of fp32 weights, gradients and AdamW moments that each of
+    2 ranks holds after a step: the whole model on each under DDP; under FSDP rank 0 holds the
+    larger shards (the 257-row embedding splits 129 + 128), and the two add up to the whole. The
+    tied head and embedding stay one parameter when sharded."""
+    results = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    torch.multiprocessing.spawn(one_step_on_each_rank, args=(2, tmp_path / "store", results),
+                                nprocs=2)
+    found = dict(results.get() for _ in range(2))
+    with torch.device("meta"):
+        model = Transformer(TINY)
+    whole = state_bytes(model, ranks=1)
+    assert whole == 16 * sum(p.numel() for p in model.parameters())
+    assert found[0]["ddp"] == found[1]["ddp"] == whole
+    assert found[0]["fsdp"] == state_bytes(model, ranks=2) > found[1]["fsdp"]
+    assert found[0]["fsdp"] + found[1]["fsdp"] == whole
+    assert all(found[rank][f"{parallel}: tied"] for rank in (0, 1) for parallel in PARALLEL_MODES)
 
 
 def launch(args, nproc):
