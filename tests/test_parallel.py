@@ -238,29 +238,37 @@ def test_fsdp_resume_after_sigkill_gives_the_same_logs(workspace, tmp_path):
         assert strip(records(tmp_path / "whole", kind)) == strip(records(out, kind)), kind
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_resume_on_another_number_of_ranks_continues_the_run(workspace, tmp_path, parallel, before,
+@pytest.mark.parametrize("method, before, after", [
+    ("entrodrop", ("ddp", 2), ("ddp", 1)), ("entrodrop", ("ddp", 1), ("ddp", 2)),
+    ("entrodrop", ("fsdp", 2), ("fsdp", 1)), ("entrodrop", ("fsdp", 1), ("fsdp", 2)),
+    ("entrodrop", ("fsdp", 2), ("ddp", 1)), ("entrodrop", ("ddp", 1), ("fsdp", 2)),
+    ("hidden_dropout", ("ddp", 2), ("ddp", 2))])
+def test_resume_on_another_number_of_ranks_continues_the_run(workspace, tmp_path, method, before,
                                                              after):
-    """The global batch stays the same, so the trajectory continues; the rows, masks and gamma_j
-    are keyed by window and step, not by rank. (Hidden dropout's draws are keyed by rank: with
-    other ranks, other draws, so that method could not continue exactly.)"""
-    settings = dict(method="entrodrop", max_steps=30, eval_interval=10, checkpoint_interval=12,
-                    parallel=parallel)
+    """The global batch stays the same, so the trajectory continues, sharded or not: the rows,
+    masks and gamma_j are keyed by window and step, not by rank. Hidden dropout's draws are keyed
+    by rank too, so on another number of ranks it draws otherwise and cannot continue exactly;
+    what holds is that on the same ranks it continues exactly."""
+    (parallel, ranks), (parallel_after, ranks_after) = before, after
+    settings = dict(method=method, max_steps=30, eval_interval=10, checkpoint_interval=12,
+                    **({"dropout": 0.1} if method == "hidden_dropout" else {}))
     # FSDP always starts under torchrun.
-    torchrun = lambda n: parallel == "fsdp" or n > 1  # noqa: E731
-    run(args_for(workspace, tmp_path / "whole", **settings), torchrun=torchrun(before),
-        nproc=before)
+    torchrun = lambda mode, n: mode == "fsdp" or n > 1  # noqa: E731
+    run(args_for(workspace, tmp_path / "whole", **settings, parallel=parallel),
+        torchrun=torchrun(parallel, ranks), nproc=ranks)
     out = tmp_path / "moved"
-    if torchrun(before):
-        kill_after_checkpoint(out, launch(args_for(workspace, out, **settings), before), 14)
+    args = args_for(workspace, out, **settings, parallel=parallel)
+    if torchrun(parallel, ranks):
+        kill_after_checkpoint(out, launch(args, ranks), 14)
     else:
-        process = subprocess.Popen([sys.executable, "train.py",
-                                    *args_for(workspace, out, **settings)], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         kill_after_checkpoint(out, process, 14)
     assert read_train_state(out / "ckpt")["loader"]["step"] == 12
-    run(args_for(workspace, out, **settings, resume=True), torchrun=torchrun(after), nproc=after)
+    run(args_for(workspace, out, **settings, parallel=parallel_after, resume=True),
+        torchrun=torchrun(parallel_after, ranks_after), nproc=ranks_after)
+    if method == "hidden_dropout":
+        assert losses(tmp_path / "whole") == losses(out)
     assert close(losses(tmp_path / "whole"), losses(out))
     assert close(losses(tmp_path / "whole", "eval", "val_loss"), losses(out, "eval", "val_loss"))
 
