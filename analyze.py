@@ -187,14 +187,25 @@ def exports(run):
     return sorted((float(p.name), p) for p in folders)
 
 
+def finished_sets(folder):
+    """The names of the sets whose scoring a checkpoint's scores.json holds whole."""
+    path = Path(folder) / "scores.json"
+    every_set = json.loads(path.read_text()) if path.is_file() else {}
+    return {name for name, scores in every_set.items() if not scores["partial"]}
+
+
 def accuracy_summary(run):
     """Accuracy of the best export by validation loss, of the final one, and Table 1's rule: the
     export with the highest domain-average accuracy ("the checkpoint with the highest
-    domain-average score"; the earliest on a tie). Each value is (accuracy, sets) or None."""
+    domain-average score"; the earliest on a tie), averaged over the sets that every scored export
+    has finished, so that a set scored on some exports only cannot decide. Each value is
+    (accuracy, sets) or None."""
     best_epoch = float(run["epoch"][int(np.nanargmin(run["val_loss"]))])
     candidates = [*exports(run), (best_epoch, run["folder"] / "best")]
-    scored = [(domain_accuracy(folder), epoch) for epoch, folder in candidates
-              if domain_accuracy(folder)]
+    finished = [names for names in (finished_sets(folder) for _, folder in candidates) if names]
+    common = set.intersection(*finished) if finished else set()
+    scored = [(domain_accuracy(folder, common), epoch) for epoch, folder in candidates
+              if domain_accuracy(folder, common)]
     chosen = max(scored, key=lambda item: (item[0][0], -item[1])) if scored else (None, None)
     return {"best_by_loss": domain_accuracy(run["folder"] / "best"),
             "final": domain_accuracy(exports(run)[-1][1]) if exports(run) else None,

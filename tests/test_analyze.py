@@ -110,6 +110,11 @@ def test_the_papers_rule_takes_the_export_with_the_highest_domain_average(tmp_pa
     assert accuracy_cell([domain_accuracy(run["folder"] / "best")]) == "30.0%"  # two sets: the mean
     write_scores(tmp_path / "one", {"math": 0.5})
     assert accuracy_cell([domain_accuracy(tmp_path / "one")]) == "50.0% (24%–76%, n = 10)"
+    # A set scored on one export only does not decide: with physics, epoch 2 would average 0.53;
+    # on the sets all exports share it has 0.35, and epoch 3 is the highest.
+    write_scores(run["folder"] / "epochs" / "2", {"math": 0.5, "code": 0.2, "physics": 0.9})
+    chosen = accuracy_summary(run)
+    assert chosen["highest"][0] == pytest.approx(0.4) and chosen["highest_epoch"] == 3.0
 
 
 # ---- the figures and tables of a folder of runs, from synthetic logs ---------------------------
