@@ -187,24 +187,26 @@ def state_bytes(model, ranks):
 def head_bytes(config, tokens, bf16):
     """Peak bytes of the fused loss (model.LinearCrossEntropy) during the forward pass, when every
     block's activations are still held. It forms the head's weight gradient there, fp32 (vocab, d),
-    as a sum over chunks of rows, and keeps it until backward. Each iteration keeps its tensors
-    alive until the next one rebinds their names, so the worst moment is one of two: adding a
-    chunk's part (the sum so far, the previous chunk's part, the new part, under autocast a bf16
-    product and its fp32 copy; beside this chunk's logits in bf16, their fp32 softmax and its bf16
-    copy), or starting a chunk (the sum so far and the previous part; the previous chunk's softmax
-    and its bf16 copy beside the new logits in bf16 and fp32). In fp32 every cast is the tensor
-    itself. Besides, four fp32 (tokens, d) tensors: the hidden states, their gradient, and what the
-    final norm saves (its input and the normalized input, before the weight)."""
+    as a sum over chunks of rows, and keeps it until backward. Each chunk's (vocab, d) product is
+    freed once added, but its logits, their softmax and its bf16 copy stay alive until the next
+    chunk rebinds their names, so the worst moment is one of two: adding a chunk's product (the sum
+    so far and the product in bf16, or for the first chunk the product in bf16 and its fp32 copy;
+    beside this chunk's logits in bf16, their fp32 softmax and its bf16 copy), or starting a chunk
+    (the sum so far; the previous chunk's softmax and its bf16 copy beside the new logits in bf16
+    and fp32). In fp32 every cast is the tensor itself. Counted for a GPU: on a CPU, add_ first
+    copies a bf16 product to fp32 (4 bytes more per element). Besides, four fp32 (tokens, d)
+    tensors: the hidden states, their gradient, and what the final norm saves (its input and the
+    normalized input, before the weight)."""
     vocab, d = config.vocab_size, config.hidden_size
     rows = -(-tokens // -(-tokens // max(1, 2**27 // vocab)))  # model.Transformer.head_chunk_rows
     chunks = -(-tokens // rows)
     weight, logits = vocab * d, rows * vocab  # elements of the head's gradient, of a chunk's logits
     if bf16:
-        adding = (4 * min(chunks, 3) + 2) * weight + (2 + 4 + 2) * logits
-        starting = 4 * min(chunks - 1, 2) * weight + (2 + 4 + 4 + 2) * logits
+        adding = (4 + 2) * weight + (2 + 4 + 2) * logits
+        starting = 4 * weight + (2 + 4 + 4 + 2) * logits
     else:
-        adding = 4 * min(chunks, 3) * weight + 4 * logits
-        starting = 4 * min(chunks - 1, 2) * weight + 2 * 4 * logits
+        adding = 4 * min(chunks, 2) * weight + 4 * logits
+        starting = 4 * weight + 2 * 4 * logits
     return max(adding, starting if chunks > 1 else 0) + 4 * tokens * d * 4
 
 

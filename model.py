@@ -338,8 +338,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if with_entropy:
                     entropy[start:start + rows] = nll - (h.float() * grad_h.float()).sum(dim=-1)
                 grad_hidden[start:start + rows] = grad_h / N
-                part = (dlogits.T @ (h / N)).float()  # 1/N on the small factor, not on (vocab, d)
-                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                # 1/N on the small factor, not on (vocab, d). Later chunks' products go unnamed, so
+                # each is freed once added; add_ widens a bf16 one to fp32 exactly, as .float() does
+                if grad_weight is None:
+                    grad_weight = (dlogits.T @ (h / N)).float()           # (vocab, d) fp32
+                else:
+                    grad_weight.add_(dlogits.T @ (h / N))
         # results, not inputs: on ctx
         ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype
         if with_entropy:
@@ -421,8 +425,10 @@ class Transformer(nn.Module):
         pad_lengths (B,) long, for generation from prompts of different lengths: each row begins
         with that many padding tokens, which nothing attends to, and its positions count from its
         first real token, so a padded row computes what it would alone."""
-        # Tied weights: a sparse gradient adds straight into the head's dense one, instead of a
-        # zero-filled (vocab, d) copy plus a full add (a sixth of a CPU step at vocab 151,936).
+        # Tied weights: the embedding's gradient is sparse (B*T rows), not a zero-filled (vocab, d)
+        # tensor that is then added whole (a sixth of a CPU step at vocab 151,936). The head's dense
+        # gradient arrives first, so autograd adds the sparse one to it out of place: two (vocab, d)
+        # gradients exist at once at the end of backward, as they would with a dense one.
         x = F.embedding(idx, self.embed_tokens.weight,
                         sparse=self.config.tie_word_embeddings)  # (B, T, d)
         if fill_mask is not None:
