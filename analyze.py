@@ -204,8 +204,8 @@ def accuracy_summary(run):
     candidates = [*exports(run), (best_epoch, run["folder"] / "best")]
     finished = [names for names in (finished_sets(folder) for _, folder in candidates) if names]
     common = set.intersection(*finished) if finished else set()
-    scored = [(domain_accuracy(folder, common), epoch) for epoch, folder in candidates
-              if domain_accuracy(folder, common)]
+    scored = [(accuracy, epoch) for epoch, folder in candidates
+              if (accuracy := domain_accuracy(folder, common))]
     chosen = max(scored, key=lambda item: (item[0][0], -item[1])) if scored else (None, None)
     return {"best_by_loss": domain_accuracy(run["folder"] / "best"),
             "final": domain_accuracy(exports(run)[-1][1]) if exports(run) else None,

@@ -90,8 +90,8 @@ def swap_in(fresh: Path, folder: Path):
 def tidy_out_dir(out_dir: Path):
     """Clear what a killed writer left in out_dir, by the run that now holds its lock, before
     anything reads it: a folder that swap_in had renamed aside (.ckpt.old.<pid>) is put back where
-    nothing took its place (the newest, should there be more), and every other temporary (.ckpt.step<N>, .best.new.<pid>,
-    log.jsonl.<pid>.tmp, and the like under epochs/) is deleted."""
+    nothing took its place (the newest, should there be more), and every other temporary
+    (.ckpt.step<N>, .best.new.<pid>, log.jsonl.<pid>.tmp, and the like under epochs/) is deleted."""
     for parent in (out_dir, out_dir / "epochs"):
         if not parent.is_dir():
             continue

@@ -648,7 +648,8 @@ def main(argv):
     resumed_step = saved_step = loader.step if resumed else None  # evaluated before that save
     # MFU: tokens/s over what the GPUs' datasheet peak would give (known GPUs only)
     peak = peak_flops(device) if bf16 else None
-    peak_tokens_per_sec = peak and peak * cluster.world_size / model.flops_per_token(c.seq_len)
+    peak_tokens_per_sec = (peak * cluster.world_size / model.flops_per_token(c.seq_len) if peak
+                           else None)
     try:
         while True:
             step, epoch = loader.step, loader.epoch
@@ -730,12 +731,13 @@ def main(argv):
                     "gamma": gamma, "mask_rate": stats[1].item() / max(1.0, stats[2].item()),
                     "train_loss": train_loss, "grad_norm": grad_norm,
                     "tokens_per_sec": tokens_per_sec,
-                    "mfu": peak and tokens_per_sec / peak_tokens_per_sec})
+                    "mfu": tokens_per_sec / peak_tokens_per_sec if peak else None})
     except KeyboardInterrupt:
         raise TrainingStopped(interrupted_message(loader.step, saved_step)) from None
     if master:
         print(f"done: best target val loss {best['val_loss']:.4f} at epoch {best['epoch']:.2f}; "
               f"exported to {out_dir / 'best'}")
+
 
 if __name__ == "__main__":
     try:

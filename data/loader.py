@@ -149,13 +149,13 @@ def load_meta(folder, tokenizer=None, vocab_size=None) -> dict:
         meta = json.loads(path.read_text())
     except ValueError as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} is not a valid meta.json ({type(e).__name__}: {e}); "
-                         "prepare the data again") from None
+                         f"{PREPARE_AGAIN}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path} holds a JSON {type(meta).__name__}, expected an object; "
                          f"{PREPARE_AGAIN}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; "
-                         "prepare the data again")
+                         f"{PREPARE_AGAIN}")
     check_meta_shape(path, meta)
     for split in ("train", "val"):
         file, size = Path(folder) / f"{split}.bin", 4 * meta["splits"][split]["tokens"]
@@ -163,7 +163,7 @@ def load_meta(folder, tokenizer=None, vocab_size=None) -> dict:
             found = f"{file.stat().st_size:,} bytes" if file.is_file() else "no file"
             raise ValueError(f"{file}: meta.json records {size // 4:,} tokens ({size:,} bytes), "
                              f"found {found}; the file was truncated or replaced: "
-                             "prepare the data again")
+                             f"{PREPARE_AGAIN}")
     if tokenizer is not None and meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
         raise ValueError(f"{folder} was tokenized with {meta['tokenizer']['name']!r}, whose "
                          f"vocabulary differs from the model's tokenizer ({tokenizer.name!r}); "

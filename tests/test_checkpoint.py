@@ -8,15 +8,16 @@ import pytest
 
 from test_train import ROOT, args_for, records, run, workspace  # noqa: F401
 
-# train.py, killed (as by SIGKILL: no cleanup) right after its second save has moved the first
-# checkpoint aside and before it has renamed the new one into place.
-KILLED_BETWEEN_RENAMES = """
+def killed_after_renaming_to(name_start):
+    """train.py, killed (as by SIGKILL: no cleanup) right after its first rename of a path onto a
+    name that starts with name_start."""
+    return f"""
 import os, sys
 import train
 real_replace = os.replace
 def replace(source, target):
     real_replace(source, target)
-    if os.path.basename(str(target)).startswith(".ckpt.old."):
+    if os.path.basename(str(target)).startswith({name_start!r}):
         os._exit(9)
 os.replace = replace
 train.main(sys.argv[1:])
@@ -29,7 +30,9 @@ def test_a_kill_between_the_renames_of_a_save_resumes_from_the_earlier_checkpoin
     run(args_for(workspace, tmp_path / "whole", **settings))
 
     out = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES,
+    # Right after the second save has moved the first checkpoint aside, before it has renamed the
+    # new one into place.
+    killed = subprocess.run([sys.executable, "-c", killed_after_renaming_to(".ckpt.old."),
                              *args_for(workspace, out, **settings)], cwd=ROOT, timeout=600)
     assert killed.returncode == 9
     assert not (out / "ckpt").exists()  # the first checkpoint lies aside, the second unplaced
@@ -49,8 +52,8 @@ def test_a_kill_between_the_renames_of_a_save_resumes_from_the_earlier_checkpoin
 def test_a_damaged_checkpoint_is_named_in_one_line(workspace, tmp_path, damage):
     out = tmp_path / "run"
     settings = dict(method="baseline", max_steps=10**6, checkpoint_interval=5, eval_interval=0)
-    killed = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES.replace(
-        '".ckpt.old."', '"ckpt"'), *args_for(workspace, out, **settings)], cwd=ROOT, timeout=600)
+    killed = subprocess.run([sys.executable, "-c", killed_after_renaming_to("ckpt"),
+                             *args_for(workspace, out, **settings)], cwd=ROOT, timeout=600)
     assert killed.returncode == 9  # right after the first checkpoint was put in place
     if damage == "no metadata":
         (out / "ckpt" / ".metadata").unlink()
